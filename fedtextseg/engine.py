@@ -1,0 +1,282 @@
+"""The one training/evaluation/prediction loop, shared by centralized training, Flower clients and benchmarks.
+
+Models are used through one contract: ``model.forward_batch(batch) -> {"logits": [B, C, *spatial],
+"aux_loss": optional scalar}``, where ``batch`` is the dict a site pipeline produces (``image``, ``label``,
+``annotated``, ``task`` and model-specific keys such as cached ``dino`` features or ``caption``). So the same
+loop trains CDPDNet (3D) and TGC-Net (2D).
+
+Device and precision are chosen automatically: CUDA when present with bf16 autocast and channels-last memory
+format for 3D convolutions; CPU in float32 otherwise. Nothing here requires a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.transforms import KeepLargestConnectedComponent
+from torch import nn
+
+from fedtextseg.metrics import MetricAccumulator
+
+__all__ = [
+    "resolve_device",
+    "autocast",
+    "prepare_model",
+    "make_optimizer",
+    "TrainStats",
+    "train_steps",
+    "predict_logits",
+    "evaluate",
+    "move_batch",
+]
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- device & precision
+def resolve_device(preference: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA if available, else CPU; otherwise the named device."""
+    if isinstance(preference, torch.device):
+        return preference
+    if preference in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast on CUDA (``auto`` or ``bf16``), fp16 if asked, nothing on CPU or with ``fp32``."""
+    if precision == "fp32" or device.type != "cuda":
+        return contextlib.nullcontext()
+    if precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision in ("auto", "fp16"):
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move to the device; channels-last-3d for 3D conv nets on CUDA (faster cuDNN kernels)."""
+    model = model.to(device)
+    if device.type == "cuda" and getattr(model, "spatial_dims", 3) == 3:
+        model = model.to(memory_format=torch.channels_last_3d)
+    return model
+
+
+def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if k == "image" and device.type == "cuda" and v.dim() == 5:
+                v = v.contiguous(memory_format=torch.channels_last_3d)
+        out[k] = v
+    return out
+
+
+def make_optimizer(model: nn.Module, lr: float = 4e-4, weight_decay: float = 1e-5, name: str = "adamw"):
+    """AdamW (default) or SGD over the trainable parameters only (frozen DINOv2/CLIP never enter)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.99, nesterov=True, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r} (adamw | sgd)")
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class TrainStats:
+    steps: int = 0
+    samples: int = 0
+    loss: float = float("nan")  # mean over the steps of this call
+    seconds: float = 0.0
+    history: list[float] = field(default_factory=list)
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"train_loss": self.loss, "train_steps": float(self.steps), "train_seconds": self.seconds}
+
+
+def _cycle(loader: Iterable) -> Iterator:
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the training loader yielded no batch (is the site's training split empty?)")
+
+
+def _proximal_term(model: nn.Module, reference: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    terms = [((p - reference[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad and n in reference]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def train_steps(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    device: torch.device | str = "auto",
+    precision: str = "auto",
+    grad_clip: float | None = 12.0,
+    prox_mu: float = 0.0,
+    prox_reference: Mapping[str, torch.Tensor] | None = None,
+    teacher: nn.Module | None = None,
+    distill_fn: Callable | None = None,
+    distill_weight: float = 0.0,
+    log_every: int = 0,
+    label: str = "train",
+    step_hook: Callable[[int, float], None] | None = None,
+) -> TrainStats:
+    """Run ``steps`` optimizer steps over ``loader`` (cycled).
+
+    ``prox_mu``/``prox_reference``: FedProx's proximal term to the round's global weights. ``teacher`` +
+    ``distill_fn``: distillation of unannotated classes from the global model (ConDistFL). Progress is logged
+    every ``log_every`` steps (0: once at the end) so client logs stay readable.
+    """
+    device = resolve_device(device)
+    model.train()
+    if teacher is not None:
+        teacher.eval()
+    stats = TrainStats()
+    start = time.perf_counter()
+    batches = _cycle(loader)
+    ref = {k: v.to(device) for k, v in (prox_reference or {}).items()} if prox_mu > 0 else None
+    for step in range(1, steps + 1):
+        batch = move_batch(next(batches), device)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            out = model.forward_batch(batch)
+            loss = loss_fn(out["logits"], batch["label"], batch["annotated"])
+            if out.get("aux_loss") is not None:
+                loss = loss + out["aux_loss"]
+            if teacher is not None and distill_fn is not None and distill_weight > 0:
+                with torch.no_grad():
+                    teacher_logits = teacher.forward_batch(batch)["logits"]
+                loss = loss + distill_weight * distill_fn(
+                    out["logits"], teacher_logits, batch["label"], batch["annotated"]
+                )
+        if ref is not None:
+            loss = loss + 0.5 * prox_mu * _proximal_term(model, ref)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{label}: non-finite loss at step {step} ({loss.item()})")
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        optimizer.step()
+        value = float(loss.detach())
+        stats.history.append(value)
+        stats.samples += int(batch["image"].shape[0])
+        if step_hook is not None:
+            step_hook(step, value)
+        if log_every and (step % log_every == 0 or step == steps):
+            recent = np.mean(stats.history[-log_every:])
+            log.info("%s step %d/%d loss %.4f (%.1fs)", label, step, steps, recent, time.perf_counter() - start)
+    stats.steps = steps
+    stats.seconds = time.perf_counter() - start
+    stats.loss = float(np.mean(stats.history)) if stats.history else float("nan")
+    if not log_every:
+        log.info("%s: %d steps, mean loss %.4f, %.1fs", label, steps, stats.loss, stats.seconds)
+    return stats
+
+
+# ----------------------------------------------------------------------------- inference & evaluation
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    image: torch.Tensor,
+    task: int,
+    *,
+    roi_size: tuple[int, ...],
+    overlap: float = 0.5,
+    sw_batch_size: int = 2,
+    device: torch.device | str = "auto",
+    precision: str = "auto",
+    progress: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> torch.Tensor:
+    """Sliding-window logits (Gaussian weighting) for one image ``[1, *spatial]`` -> ``[C, *spatial]`` on CPU."""
+    device = resolve_device(device)
+    model.eval()
+    x = image.unsqueeze(0).to(device)
+    if device.type == "cuda" and x.dim() == 5:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        batch = {"image": window, "task": torch.full((window.shape[0],), int(task), device=device, dtype=torch.long)}
+        for k, v in (extra or {}).items():
+            batch[k] = [v] * window.shape[0] if isinstance(v, str) else v
+        with autocast(device, precision):
+            return model.forward_batch(batch)["logits"].float()
+
+    logits = sliding_window_inference(
+        x, roi_size=roi_size, sw_batch_size=sw_batch_size, predictor=predictor, overlap=overlap, mode="gaussian",
+        progress=progress,
+    )
+    return logits[0].float().cpu()
+
+
+def postprocess(
+    probs: torch.Tensor, threshold: float = 0.5, keep_largest: Iterable[int] = ()
+) -> torch.Tensor:
+    """Threshold probabilities ``[C, *spatial]``; keep the largest connected component of the listed channels."""
+    masks = (probs >= threshold).to(torch.uint8)
+    idx = list(keep_largest)
+    if idx:
+        masks = KeepLargestConnectedComponent(applied_labels=idx, is_onehot=True, independent=True)(masks)
+        masks = torch.as_tensor(masks).to(torch.uint8)
+    return masks
+
+
+def _spacing_of(item: Mapping[str, Any]) -> tuple[float, ...] | None:
+    image = item["image"]
+    meta = getattr(image, "meta", None)
+    if meta is not None and "pixdim" in meta:
+        pixdim = torch.as_tensor(meta["pixdim"]).flatten().tolist()
+        nd = image.dim() - 1
+        return tuple(float(s) for s in pixdim[1 : 1 + nd])
+    return None
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Iterable[Mapping[str, Any]],
+    class_names: list[str],
+    *,
+    roi_size: tuple[int, ...],
+    overlap: float = 0.5,
+    threshold: float = 0.5,
+    keep_largest: Iterable[int] = (),
+    device: torch.device | str = "auto",
+    precision: str = "auto",
+    with_hd95: bool = True,
+    task_override: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per-class Dice (mean and pooled) and HD95 over whole cases, only on each case's annotated classes."""
+    acc = MetricAccumulator(class_names, with_hd95=with_hd95)
+    keep = list(keep_largest)
+    for item in dataset:
+        task = int(task_override if task_override is not None else torch.as_tensor(item["task"]).item())
+        extra = {"caption": item["caption"]} if "caption" in item else None
+        logits = predict_logits(
+            model, item["image"], task, roi_size=roi_size, overlap=overlap, device=device, precision=precision,
+            extra=extra,
+        )
+        masks = postprocess(torch.sigmoid(logits), threshold, keep)
+        acc.add_case(masks, torch.as_tensor(item["label"]) > 0.5, item["annotated"], _spacing_of(item))
+    summary = acc.summary()
+    for values in summary.values():
+        for k, v in values.items():
+            if isinstance(v, float) and math.isinf(v):
+                values[k] = float("nan")
+    return summary

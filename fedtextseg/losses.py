@@ -1,0 +1,145 @@
+"""Partial-label losses: every site supervises only the vocabulary channels it annotates.
+
+All losses take logits ``[B, C, *spatial]``, universal multi-channel targets ``[B, C, *spatial]`` and an
+``annotated`` mask ``[B, C]`` (per sample, so a pooled batch may mix sites). Channels a sample's site does not
+annotate receive exactly zero gradient from :class:`PartialLabelLoss` in ``"masked"`` mode.
+
+* ``masked``   – Dice + BCE over annotated channels only (CDPDNet, REFERENCE.md section 1).
+* ``marginal`` – masked, plus the sigmoid counterpart of ConDistFL's marginal loss (Shi et al. 2021's exclusion
+  term): a voxel a site labels as one of its organs is a known negative for every *unannotated* class that cannot
+  overlap that organ, so those channels are pushed down there. What may overlap is derived from the vocabulary
+  (a tumor and its organ) plus :data:`DEFAULT_OVERLAPS`.
+* :class:`ConditionalDistillation` – ConDistFL's distillation of unannotated classes from the round's global model
+  (temperature-softened sigmoid targets), on voxels that are not local foreground.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedtextseg.vocab import Vocabulary
+
+__all__ = ["PartialLabelLoss", "ConditionalDistillation", "overlap_matrix", "DEFAULT_OVERLAPS", "build_loss"]
+
+# Pairs of classes that may share voxels besides tumor-in-organ (vessels run through the liver, etc.).
+DEFAULT_OVERLAPS: tuple[tuple[str, str], ...] = (
+    ("hepatic vessel", "liver"),
+    ("portal vein and splenic vein", "liver"),
+    ("portal vein and splenic vein", "pancreas"),
+    ("hepatic vessel tumor", "hepatic vessel"),
+    ("kidney cyst", "kidney tumor"),
+    ("celiac trunk", "aorta"),
+)
+
+
+def overlap_matrix(vocab: Vocabulary, extra: Iterable[tuple[str, str]] = DEFAULT_OVERLAPS) -> torch.Tensor:
+    """Boolean [C, C]: True where two classes may overlap (same class, tumor and its organ, listed pairs)."""
+    n = vocab.num_classes
+    may = torch.eye(n, dtype=torch.bool)
+    names = vocab.class_names
+    pairs: list[tuple[str, str]] = []
+    for c in names:
+        pairs.extend((c, p) for p in vocab.parent_channels(c))
+    for a, b in extra:
+        try:
+            for ea in vocab.expand(a):
+                pairs.extend((ea, eb) for eb in vocab.expand(b))
+        except KeyError:  # a vocabulary without these classes (e.g. chest X-ray)
+            continue
+    for a, b in pairs:
+        i, j = names.index(a), names.index(b)
+        may[i, j] = may[j, i] = True
+    return may
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+class PartialLabelLoss(nn.Module):
+    """Dice + BCE over the annotated channels of each sample (optionally with the exclusion/marginal term)."""
+
+    def __init__(
+        self,
+        mode: str = "masked",
+        dice_weight: float = 1.0,
+        bce_weight: float = 1.0,
+        smooth: float = 1e-5,
+        overlaps: torch.Tensor | None = None,
+        exclusion_weight: float = 1.0,
+    ):
+        super().__init__()
+        if mode not in ("masked", "marginal"):
+            raise ValueError(f"unknown partial-label loss mode {mode!r} (masked | marginal)")
+        if mode == "marginal" and overlaps is None:
+            raise ValueError("marginal mode needs the vocabulary's overlap matrix (see overlap_matrix)")
+        self.mode = mode
+        self.dice_weight = dice_weight
+        self.bce_weight = bce_weight
+        self.smooth = smooth
+        self.exclusion_weight = exclusion_weight
+        self.register_buffer("overlaps", overlaps if overlaps is not None else torch.zeros(0, 0, dtype=torch.bool))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+        logits = _flat(logits.float())
+        target = _flat(target.float())
+        mask = annotated.to(logits.dtype)  # [B, C]
+        n_annotated = mask.sum().clamp_min(1.0)
+
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)  # [B, C]
+        prob = torch.sigmoid(logits)
+        inter = (prob * target).sum(-1)
+        denom = prob.sum(-1) + target.sum(-1)
+        dice = 1.0 - (2.0 * inter + self.smooth) / (denom + self.smooth)  # [B, C]
+        # where() rather than multiplication: unannotated channels contribute exactly zero, even if non-finite
+        per_channel = torch.where(mask > 0, self.bce_weight * bce + self.dice_weight * dice, torch.zeros_like(bce))
+        loss = per_channel.sum() / n_annotated
+        if self.mode == "marginal":
+            loss = loss + self.exclusion_weight * self._exclusion(logits, target, mask)
+        return loss
+
+    def _exclusion(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """BCE towards 0 on unannotated channels at voxels labeled as an annotated class they cannot overlap."""
+        exclusive = (~self.overlaps).to(logits.dtype)  # [C, C]: 1 where classes are mutually exclusive
+        known_fg = target * mask.unsqueeze(-1)  # [B, C, N] annotated foreground
+        # for unannotated channel u: voxels where some annotated class a with exclusive[u, a] is foreground
+        negatives = torch.einsum("ua,ban->bun", exclusive, known_fg).clamp(max=1.0)
+        negatives = negatives * (1.0 - mask).unsqueeze(-1)
+        if negatives.sum() == 0:
+            return logits.sum() * 0.0
+        bce0 = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+        return (bce0 * negatives).sum() / negatives.sum()
+
+
+class ConditionalDistillation(nn.Module):
+    """Distil unannotated channels from a teacher (the round's global model), off local foreground (ConDistFL)."""
+
+    def __init__(self, temperature: float = 2.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(
+        self, logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor
+    ) -> torch.Tensor:
+        t = self.temperature
+        logits, teacher_logits, target = _flat(logits.float()), _flat(teacher_logits.float()), _flat(target.float())
+        unannotated = (1.0 - annotated.to(logits.dtype)).unsqueeze(-1)  # [B, C, 1]
+        local_fg = (target * annotated.to(logits.dtype).unsqueeze(-1)).amax(1, keepdim=True)  # [B, 1, N]
+        weight = unannotated * (1.0 - local_fg)
+        if weight.sum() == 0:
+            return logits.sum() * 0.0
+        soft = torch.sigmoid(teacher_logits.detach() / t)
+        kd = F.binary_cross_entropy_with_logits(logits / t, soft, reduction="none") * (t * t)
+        return (kd * weight).sum() / weight.sum()
+
+
+def build_loss(mode: str, vocab: Vocabulary, dice_weight: float = 1.0, bce_weight: float = 1.0) -> PartialLabelLoss:
+    """The partial-label loss a config names (``masked`` | ``marginal``; ``distill`` uses masked + distillation)."""
+    base = "masked" if mode in ("masked", "distill") else mode
+    overlaps = overlap_matrix(vocab) if base == "marginal" else None
+    return PartialLabelLoss(base, dice_weight=dice_weight, bce_weight=bce_weight, overlaps=overlaps)
+

@@ -1,0 +1,503 @@
+"""TGC-Net: report-guided 2D segmentation of chest X-rays (CLIP ViT + CNN, calibrated by the report's text).
+
+Our design after Lin et al. 2025 (REFERENCE.md section 4; the paper publishes no code):
+
+* **Semantic-structural synergy encoder**: the open_clip ViT image tower gives semantic tokens from three of its
+  blocks; a GroupNorm CNN gives structure at strides 2, 4, 8, 16. Adapters bring the ViT token grids to strides 4,
+  8 and 16, where they are fused into the CNN stream (concat -> 1x1 conv -> residual 3x3 conv).
+* **Domain-augmented text encoder**: the per-image report is tokenised inside the model and encoded by the CLIP
+  text tower into token features. Glossary knowledge (``fedtextseg.text.glossary``) joins as extra tokens: every
+  glossary definition is encoded once per forward (without gradient, so DP-SGD's per-sample gradients stay exact)
+  and each image attends only to the definitions of the terms its report mentions. (Appending the definitions to
+  the report itself would overflow CLIP's 77 tokens.)
+* **Vision-language calibration**: at strides 16, 8 and 4 of the decoder the text tokens first read the image
+  (text calibration: cross-attention text -> image), then every pixel reads the calibrated text (cross-attention
+  image -> text), then an MLP. An InfoNCE loss aligns the lesion-weighted pooled image embedding with the pooled
+  report embedding over the batch (identical reports count as positives); it is returned as ``aux_loss``.
+* **Parameter-efficient fine-tuning**: open_clip's ``nn.MultiheadAttention`` is rebuilt as four ``nn.Linear``
+  (q/k/v/out, weights copied) so ``peft`` LoRA can target them and Opacus accepts them.
+
+No BatchNorm, no ``nn.MultiheadAttention``. ``text_mode="none"`` is the image-only ablation: same network without
+the text tower and the two cross-attentions. With DP-SGD set ``align_weight=0`` (the contrastive term couples the
+samples of a batch). Named configs: ``tgcnet_tiny`` (tests), ``tgcnet_small`` (CPU), ``tgcnet_paper`` (ViT-B/16).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedtextseg.errors import ConfigError
+from fedtextseg.models.registry import config_from_dict, merge_config, model_config, register_model
+from fedtextseg.params import ParamGroups, build_param_groups
+from fedtextseg.vocab import get_vocabulary
+
+__all__ = ["TGCNetConfig", "TGCNet", "PlainAttention", "build_clip", "TINY_CLIP"]
+
+log = logging.getLogger(__name__)
+_MEAN, _STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP preprocessing
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "patch_size": 8},
+             "text_cfg": {"context_length": 40, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+@dataclass
+class TGCNetConfig:
+    """Everything that defines a TGC-Net (also recorded as ``model.config``)."""
+
+    vocabulary: str = "chest-xray"
+    image_size: int = 224
+    clip_model: str | None = "ViT-B-16"  # open_clip name; None -> build from clip_cfg
+    clip_cfg: dict | None = None  # custom open_clip config (embed_dim, vision_cfg, text_cfg), random init
+    pretrained: str | None = "openai"  # tag (hub cache only), checkpoint path, or None
+    vit_layers: tuple = (3, 7, 11)  # ViT blocks feeding strides 4, 8, 16
+    cnn_widths: tuple = (32, 64, 128, 256)  # CNN stages at strides 2, 4, 8, 16
+    stem_width: int = 32  # full-resolution stem (last skip)
+    text_dim: int = 256  # text tokens after projection
+    heads: int = 8
+    text_mode: str = "report"  # report | none (image-only ablation)
+    glossary: str | None = "chest_xray_v1"  # domain knowledge tokens; None = report only
+    finetune: str = "lora"  # lora | full | frozen  (the CLIP towers)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "out_proj")
+    align_weight: float = 0.1  # weight of the image-report InfoNCE term in aux_loss
+    groups: int = 8  # GroupNorm groups (capped by the width)
+    extra: dict = field(default_factory=dict)  # free-form notes kept with the config
+
+    def check(self) -> None:
+        if self.text_mode not in ("report", "none"):
+            raise ConfigError(f"tgcnet: text_mode must be 'report' or 'none', got {self.text_mode!r}")
+        if self.finetune not in ("lora", "full", "frozen"):
+            raise ConfigError(f"tgcnet: finetune must be 'lora', 'full' or 'frozen', got {self.finetune!r}")
+        if len(self.vit_layers) != 3 or len(self.cnn_widths) != 4:
+            raise ConfigError("tgcnet: vit_layers needs 3 block indices and cnn_widths 4 widths")
+        if self.clip_model is None and not self.clip_cfg:
+            raise ConfigError("tgcnet: give clip_model (an open_clip name) or clip_cfg (a custom config)")
+
+
+# ----------------------------------------------------------------------------- CLIP towers
+class PlainAttention(nn.Module):
+    """Drop-in for open_clip's ``nn.MultiheadAttention`` (batch-first) with separate q/k/v/out ``nn.Linear``."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        d, self.heads = mha.embed_dim, mha.num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        with torch.no_grad():
+            for i, lin in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+                lin.weight.copy_(mha.in_proj_weight[i * d : (i + 1) * d])
+                lin.bias.copy_(mha.in_proj_bias[i * d : (i + 1) * d])
+            self.out_proj.load_state_dict(mha.out_proj.state_dict())
+
+    def forward(self, q_x, k_x=None, v_x=None, need_weights=False, attn_mask=None):
+        k_x = q_x if k_x is None else k_x
+        v_x = q_x if v_x is None else v_x
+        b, n, d = q_x.shape
+        split = lambda t: t.view(b, t.shape[1], self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q_proj(q_x)), split(self.k_proj(k_x)), split(self.v_proj(v_x))
+        mask = attn_mask.to(q.dtype) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), None
+
+
+class TextTower(nn.Module):
+    """The parts of open_clip's text transformer that produce token features (no projection head)."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.token_embedding, self.positional_embedding = clip.token_embedding, clip.positional_embedding
+        self.transformer, self.ln_final = clip.transformer, clip.ln_final
+        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+        return self.ln_final(self.transformer(x, attn_mask=self.attn_mask[: ids.shape[1], : ids.shape[1]]))
+
+
+class ClipTowers(nn.Module):
+    """The CLIP parts TGC-Net uses: the ViT (up to its last used block) and, with text, the text tower."""
+
+    def __init__(self, clip: nn.Module, last_block: int, with_text: bool):
+        super().__init__()
+        v = clip.visual
+        self.visual = nn.Module()
+        self.visual.conv1, self.visual.ln_pre = v.conv1, v.ln_pre
+        self.visual.class_embedding, self.visual.positional_embedding = v.class_embedding, v.positional_embedding
+        self.visual.blocks = nn.ModuleList(v.transformer.resblocks[: last_block + 1])
+        self.text = TextTower(clip) if with_text else None
+        for blk in list(self.modules()):
+            if isinstance(getattr(blk, "attn", None), nn.MultiheadAttention):
+                blk.attn = PlainAttention(blk.attn)
+
+
+def build_clip(cfg: TGCNetConfig) -> tuple[nn.Module, dict]:
+    """An open_clip CLIP model per ``cfg`` and where its weights came from; never downloads.
+
+    Missing pretrained weights -> random init with a loud warning, recorded in the provenance.
+    """
+    import open_clip
+
+    prov: dict[str, Any] = {"clip_model": cfg.clip_model or "custom", "library": f"open_clip {open_clip.__version__}"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # a random-init CLIP is identical in every process (and at every site)
+        if cfg.clip_model is None:
+            c = cfg.clip_cfg
+            vision = dict(c["vision_cfg"], image_size=cfg.image_size)
+            clip = open_clip.model.CLIP(c["embed_dim"], vision, dict(c["text_cfg"]))
+            prov.update(clip_weights="random-init", reason="custom config (tests / small models)")
+            return clip, prov
+        from fedtextseg.text.encoders import EncoderWeightsUnavailable, resolve_clip_weights
+
+        weights = {"path": None, "quick_gelu": False}
+        if cfg.pretrained is not None:
+            try:
+                weights = resolve_clip_weights(cfg.clip_model, cfg.pretrained)
+            except EncoderWeightsUnavailable as exc:
+                msg = (f"TGC-Net: CLIP {cfg.clip_model} weights {cfg.pretrained!r} not found ({exc.missing}); "
+                       "USING RANDOM-INIT CLIP: results will not reflect a pretrained model")
+                warnings.warn(msg, stacklevel=3)
+                log.warning(msg)
+                prov["reason"] = exc.missing
+        clip = open_clip.create_model(cfg.clip_model, pretrained=weights["path"], force_image_size=cfg.image_size,
+                                      force_quick_gelu=weights["quick_gelu"], pretrained_text=False)
+    prov["clip_weights"] = weights["path"] or "random-init"
+    prov["pretrained"] = cfg.pretrained if weights["path"] else None
+    return clip, prov
+
+
+# ----------------------------------------------------------------------------- 2D blocks
+def _gn(c: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(c, groups), c)
+
+
+def _conv(cin: int, cout: int, g: int, stride: int = 1, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), _gn(cout, g), nn.GELU())
+
+
+class ResStage(nn.Module):
+    """Strided conv, then a residual 3x3 conv pair (GroupNorm, GELU)."""
+
+    def __init__(self, cin: int, cout: int, g: int, stride: int = 2):
+        super().__init__()
+        self.down = _conv(cin, cout, g, stride)
+        self.body = nn.Sequential(_conv(cout, cout, g), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), _gn(cout, g))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.down(x)
+        return F.gelu(x + self.body(x))
+
+
+class VitAdapter(nn.Module):
+    """ViT tokens [B, N, W] on a stride-``patch`` grid -> feature map [B, C, ...] at stride ``stride``."""
+
+    def __init__(self, width: int, cout: int, patch: int, stride: int, g: int):
+        super().__init__()
+        self.norm, self.proj = nn.LayerNorm(width), nn.Linear(width, cout)
+        ups = []
+        for _ in range(int(round(math.log2(patch / stride)))):
+            ups += [nn.ConvTranspose2d(cout, cout, 2, 2), _gn(cout, g), nn.GELU()]
+        self.up = nn.Sequential(*ups)
+
+    def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        x = self.proj(self.norm(tokens)).transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+        return self.up(x)
+
+
+class Fuse(nn.Module):
+    """CNN + ViT features -> CNN stream (concat, 1x1 conv, residual 3x3 conv)."""
+
+    def __init__(self, c: int, g: int):
+        super().__init__()
+        self.mix, self.refine = _conv(2 * c, c, g, k=1), _conv(c, c, g)
+
+    def forward(self, cnn: Tensor, vit: Tensor) -> Tensor:
+        vit = vit if vit.shape[-2:] == cnn.shape[-2:] else F.interpolate(vit, cnn.shape[-2:], mode="bilinear")
+        x = cnn + self.mix(torch.cat([cnn, vit], 1))
+        return x + self.refine(x)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention with ``nn.Linear`` projections and a boolean key mask [B, K]."""
+
+    def __init__(self, q_dim: int, kv_dim: int, dim: int, heads: int):
+        super().__init__()
+        self.heads = max(1, min(heads, dim // 8))
+        self.q, self.k, self.v, self.o = (nn.Linear(q_dim, dim), nn.Linear(kv_dim, dim), nn.Linear(kv_dim, dim),
+                                          nn.Linear(dim, q_dim))
+
+    def forward(self, x: Tensor, ctx: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        b, n, _ = x.shape
+        split = lambda t: t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
+        mask = key_mask[:, None, None, :] if key_mask is not None else None
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(ctx)), split(self.v(ctx)), attn_mask=mask)
+        return self.o(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class Calibration(nn.Module):
+    """One vision-language calibration stage on a feature map; without text only the MLP remains."""
+
+    def __init__(self, c: int, text_dim: int, heads: int, with_text: bool):
+        super().__init__()
+        self.with_text = with_text
+        if with_text:
+            self.t_norm, self.t_img_norm = nn.LayerNorm(text_dim), nn.LayerNorm(c)
+            self.text_reads_image = CrossAttention(text_dim, c, text_dim, heads)
+            self.x_norm, self.ctx_norm = nn.LayerNorm(c), nn.LayerNorm(text_dim)
+            self.image_reads_text = CrossAttention(c, text_dim, c, heads)
+        self.mlp_norm = nn.LayerNorm(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+
+    def forward(self, x: Tensor, text: Tensor | None, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        if self.with_text:
+            text = text + self.text_reads_image(self.t_norm(text), self.t_img_norm(t))
+            t = t + self.image_reads_text(self.x_norm(t), self.ctx_norm(text), mask)
+        t = t + self.mlp(self.mlp_norm(t))
+        return t.transpose(1, 2).reshape(b, c, h, w), text
+
+
+class Up(nn.Module):
+    """Bilinear x2, 1x1 conv to the skip width, concat the skip, two 3x3 convs."""
+
+    def __init__(self, cin: int, cskip: int, g: int):
+        super().__init__()
+        self.reduce, self.body = _conv(cin, cskip, g, k=1), nn.Sequential(_conv(2 * cskip, cskip, g),
+                                                                          _conv(cskip, cskip, g))
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        x = self.reduce(F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False))
+        return self.body(torch.cat([x, skip], 1))
+
+
+# ----------------------------------------------------------------------------- the network
+class TGCNet(nn.Module):
+    """``forward(image [B,1|3,H,W] in [0,1], task [B], captions list[str]) -> {"logits": [B,C,H,W], "aux_loss"}``."""
+
+    spatial_dims = 2
+
+    def __init__(self, config: TGCNetConfig | Mapping | None = None):
+        super().__init__()
+        cfg = config_from_dict(TGCNetConfig, config, where="tgcnet") if not isinstance(config, TGCNetConfig) else config
+        cfg.vit_layers, cfg.cnn_widths, cfg.lora_targets = (tuple(v) for v in (cfg.vit_layers, cfg.cnn_widths,
+                                                                               cfg.lora_targets))
+        cfg.check()
+        self.config, self.with_text = cfg, cfg.text_mode == "report"
+        self.vocabulary = get_vocabulary(cfg.vocabulary)
+        self.num_classes = self.vocabulary.num_classes
+        clip, self.provenance = build_clip(cfg)
+        vw, self.patch = clip.visual.transformer.width, clip.visual.patch_size[0]
+        if max(cfg.vit_layers) >= len(clip.visual.transformer.resblocks):
+            raise ConfigError(f"tgcnet: vit_layers {cfg.vit_layers} exceed the ViT's "
+                              f"{len(clip.visual.transformer.resblocks)} blocks")
+        tw, self.context_length = clip.transformer.width, clip.context_length
+        towers = ClipTowers(clip, max(cfg.vit_layers), self.with_text)
+        del clip  # unused heads (visual.proj, text_projection, logit_scale) and blocks are dropped
+        if cfg.finetune == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=list(cfg.lora_targets), bias="none")
+            self.clip = get_peft_model(towers, lora)
+        else:
+            self.clip = towers
+            towers.requires_grad_(cfg.finetune == "full")
+        g, (w1, w2, w3, w4), s = cfg.groups, cfg.cnn_widths, cfg.stem_width
+        self.stem = nn.Sequential(_conv(1, s, g), _conv(s, s, g))
+        self.stages = nn.ModuleList([ResStage(s, w1, g), ResStage(w1, w2, g), ResStage(w2, w3, g), ResStage(w3, w4, g)])
+        self.adapters = nn.ModuleList([VitAdapter(vw, w, self.patch, st, g) for w, st in ((w2, 4), (w3, 8), (w4, 16))])
+        self.fuse = nn.ModuleList([Fuse(w, g) for w in (w2, w3, w4)])
+        self.calib = nn.ModuleList([Calibration(w, cfg.text_dim, cfg.heads, self.with_text) for w in (w4, w3, w2)])
+        self.ups = nn.ModuleList([Up(w4, w3, g), Up(w3, w2, g), Up(w2, w1, g), Up(w1, s, g)])
+        self.head = nn.Conv2d(s, self.num_classes, 1)
+        self.register_buffer("pixel_mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        self.glossary = None
+        if self.with_text:
+            import open_clip
+
+            self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
+            self.text_in = nn.Sequential(nn.LayerNorm(tw), nn.Linear(tw, cfg.text_dim))
+            self.segment = nn.Parameter(0.02 * torch.randn(2, cfg.text_dim))  # report tokens / knowledge tokens
+            self.img_embed, self.txt_embed = nn.Linear(w2, cfg.text_dim), nn.Linear(cfg.text_dim, cfg.text_dim)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            if cfg.glossary:
+                from fedtextseg.text.glossary import Glossary
+
+                self.glossary = Glossary.load(cfg.glossary)
+                defs = [f"{t.term}: {t.definition}." for t in self.glossary.terms]
+                self.register_buffer("knowledge_ids", self.tokenizer(defs), persistent=False)
+                self.provenance.update(self.glossary.provenance())
+        self.provenance.update(text_mode=cfg.text_mode, finetune=cfg.finetune, vocabulary=self.vocabulary.name,
+                               vocabulary_hash=self.vocabulary.content_hash)
+
+    @property
+    def towers(self) -> ClipTowers:
+        return self.clip.base_model.model if self.config.finetune == "lora" else self.clip
+
+    # ------------------------------------------------------------------ encoders
+    def _vit_tokens(self, rgb: Tensor) -> tuple[list[Tensor], tuple[int, int]]:
+        v = self.towers.visual
+        x = v.conv1(rgb)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)
+        cls_pos, pos = v.positional_embedding[:1], v.positional_embedding[1:]
+        side = int(math.isqrt(pos.shape[0]))
+        if side * side != grid[0] * grid[1] or side != grid[0]:  # another input size: resample the position grid
+            pos = F.interpolate(pos.T.reshape(1, -1, side, side), size=grid, mode="bicubic", align_corners=False)
+            pos = pos.reshape(pos.shape[1], -1).T
+        x = torch.cat([v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], 1)
+        x = v.ln_pre(x + torch.cat([cls_pos, pos]).to(x.dtype))
+        taken = {}
+        for i, blk in enumerate(v.blocks):
+            x = blk(x)
+            if i in self.config.vit_layers:
+                taken[i] = x[:, 1:]
+        return [taken[i] for i in self.config.vit_layers], grid
+
+    def _texts(self, captions: Sequence[str | None] | None, task: Tensor | None, b: int) -> list[str]:
+        if captions is not None and len(captions) != b:
+            raise ValueError(f"tgcnet: {len(captions)} captions for a batch of {b} images")
+        prompts = self.vocabulary.task_prompts()
+        out = []
+        for i in range(b):
+            cap = captions[i] if captions is not None else None
+            if not cap or not str(cap).strip():  # no report: fall back to the site's task prompt
+                t = int(task[i]) if task is not None else self.vocabulary.task_index(self.vocabulary.default_task)
+                cap = prompts[t]
+            out.append(str(cap))
+        return out
+
+    def _encode_text(self, texts: list[str], device) -> tuple[Tensor, Tensor, Tensor]:
+        """(tokens [B, K, text_dim] before calibration, key mask [B, K], number of report tokens L)."""
+        ids = self.tokenizer(texts).to(device)
+        b, length = ids.shape
+        tokens = self.text_in(self.towers.text(ids)) + self.segment[0]
+        mask = torch.arange(length, device=device)[None] <= ids.argmax(-1)[:, None]  # up to and with EOT
+        if self.glossary is not None:
+            kid = self.knowledge_ids
+            with torch.no_grad():  # fixed definitions: no per-sample gradient through them (DP-SGD)
+                k = self.towers.text(kid)[torch.arange(kid.shape[0], device=device), kid.argmax(-1)]
+            k = self.text_in(k[None].expand(b, -1, -1)) + self.segment[1]
+            names = [t.term for t in self.glossary.terms]
+            present = torch.tensor([[n in set(self.glossary.terms_in(s)) for n in names] for s in texts],
+                                   dtype=torch.bool, device=device)
+            tokens, mask = torch.cat([tokens, k], 1), torch.cat([mask, present], 1)
+        return tokens, mask, length
+
+    def _alignment(self, feat: Tensor, logits: Tensor, text: Tensor, mask: Tensor, texts: list[str]) -> Tensor:
+        """Symmetric InfoNCE between lesion-weighted image features and the mean report token embedding."""
+        w = F.adaptive_avg_pool2d(torch.sigmoid(logits.detach().float()).amax(1, keepdim=True), feat.shape[-2:])
+        w = w + 1e-3
+        img = (feat * w).sum((2, 3)) / w.sum((2, 3))
+        m = mask.to(text.dtype)[..., None]
+        txt = (text * m).sum(1) / m.sum(1)
+        zi, zt = F.normalize(self.img_embed(img).float(), dim=-1), F.normalize(self.txt_embed(txt).float(), dim=-1)
+        sim = self.logit_scale.exp().clamp(max=100) * zi @ zt.T
+        same = torch.tensor([[a == c for c in texts] for a in texts], dtype=torch.float32, device=sim.device)
+        target = same / same.sum(1, keepdim=True)
+        loss = -(target * F.log_softmax(sim, 1)).sum(1).mean() - (target * F.log_softmax(sim.T, 1)).sum(1).mean()
+        return 0.5 * loss
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, image: Tensor, task: Tensor | None = None, captions: Sequence[str] | None = None) -> dict:
+        if image.dim() != 4 or image.shape[1] not in (1, 3):
+            raise ValueError(f"tgcnet expects images [B, 1 or 3, H, W], got {tuple(image.shape)}")
+        x = image.float()
+        grey = x.mean(1, keepdim=True) if x.shape[1] == 3 else x
+        rgb = (x.expand(-1, 3, -1, -1) - self.pixel_mean) / self.pixel_std
+        p = self.patch
+        if rgb.shape[-2] % p or rgb.shape[-1] % p:
+            rgb = F.interpolate(rgb, size=(math.ceil(rgb.shape[-2] / p) * p, math.ceil(rgb.shape[-1] / p) * p),
+                                mode="bilinear", align_corners=False)
+        vit, grid = self._vit_tokens(rgb)
+        skips = [self.stem(grey)]
+        for i, stage in enumerate(self.stages):
+            h = stage(skips[-1])
+            skips.append(self.fuse[i - 1](h, self.adapters[i - 1](vit[i - 1], grid)) if i > 0 else h)
+        text = mask = texts = None
+        if self.with_text:
+            texts = self._texts(captions, task, x.shape[0])
+            text, mask, n_report = self._encode_text(texts, x.device)
+            report, report_mask = text[:, :n_report], mask[:, :n_report]
+        h = skips[4]
+        for i in range(3):
+            h, text = self.calib[i](h, text, mask)
+            feat = h
+            h = self.ups[i](h, skips[3 - i])
+        logits = self.head(self.ups[3](h, skips[0]))
+        aux = logits.new_zeros((), dtype=torch.float32)
+        if self.with_text and self.config.align_weight > 0 and len(set(texts)) > 1:
+            aux = self.config.align_weight * self._alignment(feat, logits, report, report_mask, texts)
+        return {"logits": logits, "aux_loss": aux}
+
+    def forward_batch(self, batch: Mapping[str, Any]) -> dict:
+        """The engine's entry point: a pipeline batch with ``image``, ``task`` and (for reports) ``caption``."""
+        captions = batch.get("caption")
+        if isinstance(captions, str):
+            captions = [captions] * batch["image"].shape[0]
+        return self(batch["image"], batch.get("task"), captions)
+
+    # ------------------------------------------------------------------ federation contract
+    def param_groups(self) -> ParamGroups:
+        """Frozen CLIP weights -> frozen_common; LoRA, CNN, fusion, calibration, decoder -> shared; head rows ->
+        per_class (axis 0). Nothing is local."""
+        params = dict(self.named_parameters())
+        frozen = lambda n: n.startswith("clip.") and not (n in params and params[n].requires_grad)  # noqa: E731
+        return build_param_groups(self, frozen_common=frozen, per_class={"head.weight": 0, "head.bias": 0})
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable vs total parameters, overall and for the CLIP towers (peft's count when LoRA is on)."""
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        if self.config.finetune == "lora":
+            clip_trainable, clip_total = self.clip.get_nb_trainable_parameters()
+        else:
+            clip_total = sum(p.numel() for p in self.clip.parameters())
+            clip_trainable = sum(p.numel() for p in self.clip.parameters() if p.requires_grad)
+        return {"total": total, "trainable": trainable, "clip_total": clip_total, "clip_trainable": clip_trainable,
+                "non_clip": total - clip_total}
+
+
+# ----------------------------------------------------------------------------- named configurations
+_SMALL_CLIP = {"embed_dim": 128, "vision_cfg": {"image_size": 128, "layers": 6, "width": 256, "patch_size": 16},
+               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 6}}
+_NAMED = {
+    # tests on CPU: 64x64 inputs, 2-block ViT/text towers of width 32, random init
+    "tgcnet_tiny": dict(image_size=64, clip_model=None, clip_cfg=TINY_CLIP, pretrained=None, vit_layers=(0, 1, 1),
+                        cnn_widths=(8, 16, 16, 32), stem_width=8, text_dim=32, heads=2, lora_r=4, lora_alpha=8,
+                        groups=4),
+    # CPU simulations on the synthetic hospitals (128x128): 6-block towers of width 256, random init
+    "tgcnet_small": dict(image_size=128, clip_model=None, clip_cfg=_SMALL_CLIP, pretrained=None, vit_layers=(1, 3, 5),
+                         cnn_widths=(16, 32, 64, 128), stem_width=16, text_dim=128, heads=4),
+    # the paper setting: CLIP ViT-B/16 (openai weights from a file or the hub cache) at 224x224, LoRA r=8, GPU
+    "tgcnet_paper": dict(),
+}
+
+
+def _create(name: str, **overrides) -> TGCNet:
+    cfg = merge_config(model_config(name), overrides, where=name)
+    return TGCNet(config_from_dict(TGCNetConfig, cfg, where=name))
+
+
+@register_model(config=asdict(TGCNetConfig(**_NAMED["tgcnet_tiny"])))
+def tgcnet_tiny(**kwargs) -> TGCNet:
+    return _create("tgcnet_tiny", **kwargs)
+
+
+@register_model(config=asdict(TGCNetConfig(**_NAMED["tgcnet_small"])))
+def tgcnet_small(**kwargs) -> TGCNet:
+    return _create("tgcnet_small", **kwargs)
+
+
+@register_model(config=asdict(TGCNetConfig(**_NAMED["tgcnet_paper"])))
+def tgcnet_paper(**kwargs) -> TGCNet:
+    return _create("tgcnet_paper", **kwargs)
