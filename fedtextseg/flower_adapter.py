@@ -294,3 +294,31 @@ def missing_frozen_error(content_hash: str) -> Error:
 def is_missing_frozen(reply: Message) -> bool:
     """Whether a reply says the node lacks the frozen bundle (then ``FrozenDistributor.mark_missing``)."""
     return reply.has_error() and MISSING_FROZEN in str(reply.error.reason or "")
+
+
+# ---------------------------------------------------------------- evaluation replies
+EVAL_METRICS = ("dice", "dice_pooled", "hd95")
+
+
+def eval_reply_content(summary: Mapping[str, Mapping[str, float]], class_names: Sequence[str],
+                       num_examples: int) -> RecordDict:
+    """A client's evaluate reply: one MetricRecord per metric (``eval.dice`` ...), each with a value and a ``has/``
+    flag for EVERY vocabulary class, plus ``metrics`` with ``num-examples``: identical keys at every site."""
+    content = RecordDict({METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: int(num_examples)})})
+    for metric in EVAL_METRICS:
+        per_class = {c: v[metric] for c, v in summary.items() if metric in v}
+        content[f"eval.{metric}"] = metrics_to_record(pack_site_metrics(per_class, class_names, metric=metric))
+    return content
+
+
+def eval_reply_summary(content: RecordDict, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Inverse of ``eval_reply_content``: ``{class: {metric: value}}`` for the classes the site scored."""
+    out: dict[str, dict[str, float]] = {}
+    for metric in EVAL_METRICS:
+        key = f"eval.{metric}"
+        if key not in content.metric_records:
+            continue
+        flat = record_to_metrics(content.metric_records[key])
+        for c, v in unpack_site_metrics(flat, class_names, metric=metric).items():
+            out.setdefault(c, {})[metric] = v
+    return out

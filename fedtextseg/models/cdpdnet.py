@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +113,7 @@ class CDPDNet(nn.Module):
         self.dino = DinoSliceEncoder(cfg.dino) if cfg.dino.enabled else None
         if self.dino is not None:
             f = self.dino.out_channels
-            self.adaptor_mix = nn.Conv3d(f, f, (3, 1, 1), padding=(1, 0, 0), groups=f)  # depthwise across slices
+            self.adaptor_mix = nn.Conv3d(f, f, (3, 1, 1), padding=(1, 0, 0), groups=f, bias=False)  # across slices
             k = cfg.adaptor_kernel
             self.adaptors = nn.ModuleDict({str(s): nn.Sequential(
                 nn.Conv3d(f, w[s], k, padding=k // 2, bias=False), nn.InstanceNorm3d(w[s], affine=True), nn.ReLU())
@@ -137,6 +137,7 @@ class CDPDNet(nn.Module):
         for name, m in self.named_modules():
             if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) and not name.startswith("dino."):
                 nn.init.kaiming_normal_(m.weight, a=0.01)  # nnU-Net's He init
+        self.check_patch_size(cfg.patch_size)
         self.provenance = {
             "model": self.model_name,
             "dino": dict(self.dino.provenance) if self.dino is not None else {"enabled": False},
@@ -186,6 +187,11 @@ class CDPDNet(nn.Module):
         self.provenance["text_bank"]["num_classes"] = self.num_classes
 
     # ------------------------------------------------------------------ sizes
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """The configured default training / sliding-window patch (D, H, W)."""
+        return tuple(self.config.patch_size)  # type: ignore[return-value]
+
     def check_patch_size(self, size: Sequence[int]) -> tuple[int, int, int]:
         """``size`` (D, H, W) as a tuple if the network can take it, else a ConfigError saying which sizes work."""
         size = tuple(int(s) for s in size)
@@ -257,6 +263,10 @@ class CDPDNet(nn.Module):
             x = block(torch.cat([up(x), skip], dim=1))
         return self.head(x, class_cond)
 
+    def forward_batch(self, batch: Mapping[str, Any]) -> dict:
+        """The engine's entry point: a pipeline batch with ``image``, ``task`` and optionally cached ``dino``."""
+        return {"logits": self(batch["image"], batch.get("task"), batch.get("dino"))}
+
     def _dino_context(self, image: Tensor, dino_features: Tensor | None) -> Tensor | None:
         if self.dino is None or not self.fusion:
             return None
@@ -277,10 +287,6 @@ class CDPDNet(nn.Module):
         return build_param_groups(
             self, frozen_common=lambda n: n.startswith("dino.") or n in ("class_embeddings", "task_embeddings"),
             per_class={"head.residual.weight": 0, "head.residual.bias": 0}, local=local.__contains__)
-
-    def train(self, mode: bool = True) -> "CDPDNet":
-        super().train(mode)  # DinoSliceEncoder.train keeps the ViT in eval mode
-        return self
 
     def to(self, *args, **kwargs):
         """``nn.Module.to``; a ``memory_format`` applies to the 3D CNN only (the ViT's 2D weights cannot take it)."""

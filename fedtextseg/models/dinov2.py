@@ -1,12 +1,14 @@
 """The frozen DINOv2 slice encoder (through timm) and the per-volume feature cache.
 
 :class:`DinoSliceEncoder` cuts a 3D patch ``[B, C, D, H, W]`` into its D axial slices, resizes each in-plane to
-``14 * g`` (``g = max(1, round(H / 14))``: 96 -> 98 -> 7x7 tokens), repeats it to 3 channels, normalises it with the
-ViT's mean/std and returns the tokens of the last ``layers`` blocks, concatenated: ``[B, layers * embed_dim, D, gh, gw]``.
+``14 * g`` (``g = max(1, round(H / 14))``: 96 -> 98 -> 7x7 tokens), repeats it to 3 channels, normalises it with
+the ViT's mean/std and returns the tokens of the last ``layers`` blocks, concatenated:
+``[B, layers * embed_dim, D, gh, gw]``.
 It is frozen: no gradients, always in eval mode, never in an optimizer.
 
 Weights (``DinoConfig.weights``): a local checkpoint path (timm or original DINOv2 format, .pth/.safetensors), or
-``"hub"`` (timm ``pretrained=True``, which offline only works from the local Hugging Face cache), or ``None``.
+``"hub"`` (timm ``pretrained=True``, which offline only works from the local Hugging Face cache), ``"provided"``
+(the caller loads them, e.g. a federation site receiving the frozen_common group from the server), or ``None``.
 When the hub cannot deliver, the encoder falls back to random weights with a loud warning; ``encoder.provenance``
 records what was actually used, for the run metadata.
 
@@ -43,6 +45,7 @@ __all__ = [
     "FeatureVolume",
     "compute_volume_features",
     "crop_features",
+    "volume_feature_fn",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,7 +62,7 @@ class DinoConfig:
     name: str = "vit_base_patch14_dinov2"
     depth: int | None = None
     layers: int = 3
-    weights: str | None = None  # None (random), "hub", or a local checkpoint path
+    weights: str | None = None  # None (random), "hub", "provided" (loaded by the caller) or a checkpoint path
     enabled: bool = True
     slice_batch: int = 64  # slices per ViT call
 
@@ -111,6 +114,10 @@ class DinoSliceEncoder(nn.Module):
             logger.warning("DINOv2 branch %s uses RANDOM weights (dino.weights=None): fine for tests and demos, "
                            "meaningless features for real training", config.name)
             return {**base, "weights": "random", "reason": "dino.weights=None"}
+        if config.weights == "provided":
+            logger.info("DINOv2 branch %s: weights provided by the caller (e.g. received from the server)",
+                        config.name)
+            return {**base, "weights": "provided"}
         if config.weights == "hub":
             try:
                 import timm
@@ -241,6 +248,7 @@ def compute_volume_features(model, volume: Tensor, tile: Sequence[int], *, dtype
     """
     enc = _encoder_of(model)
     volume = torch.as_tensor(volume)
+    volume = volume if type(volume) is Tensor else volume.as_subclass(Tensor)  # e.g. a MONAI MetaTensor
     if volume.dim() != 4:
         raise FedTextSegError(f"volume must be [C, D, H, W], got shape {tuple(volume.shape)}")
     th, tw = (int(t) for t in tile)
@@ -280,3 +288,23 @@ def crop_features(fv: FeatureVolume, start: Sequence[int], size: Sequence[int]) 
         raise FedTextSegError(f"patch start {tuple(start)} size {tuple(size)} lies outside the cached volume "
                               f"(D={depth}, padded H={rows // gh * th}, W={cols // gw * tw})")
     return fv.features[:, z0:z0 + pd, ty * gh:(ty + 1) * gh, tx * gw:(tx + 1) * gw]
+
+
+def volume_feature_fn(model, tile: Sequence[int], *, dtype: torch.dtype = torch.float16):
+    """A ``feature_fn`` for the data pipeline (``FeatureHookd``): ``image [C, D, H, W]`` ->
+    ``{"dino": [F, D, ny * g, nx * g], "dino_tile": (th, tw, g)}``.
+
+    Exact only for training patches whose in-plane size *equals* the tile (one ViT pass per slice, as
+    ``model.dino_features`` does); a patch spanning several tiles gets tiled features, which differ.
+    """
+    th, tw = (int(t) for t in tile)
+    grid = _encoder_of(model).grid((th, tw))
+    if grid[0] != grid[1]:
+        raise ConfigError(f"tile {th}x{tw} gives a {grid[0]}x{grid[1]} token grid; the data pipeline needs square "
+                          "token grids (use equal tile sides)")
+
+    def feature_fn(image: Tensor) -> dict:
+        fv = compute_volume_features(model, image, (th, tw), dtype=dtype)
+        return {"dino": fv.features, "dino_tile": (th, tw, grid[0])}
+
+    return feature_fn

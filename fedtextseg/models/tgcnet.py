@@ -39,11 +39,11 @@ from fedtextseg.models.registry import config_from_dict, merge_config, model_con
 from fedtextseg.params import ParamGroups, build_param_groups
 from fedtextseg.vocab import get_vocabulary
 
-__all__ = ["TGCNetConfig", "TGCNet", "PlainAttention", "build_clip", "TINY_CLIP"]
+__all__ = ["TGCNetConfig", "TGCNet", "PlainAttention", "build_clip", "TINY_CLIP", "TGCNET_CONFIGS"]
 
 log = logging.getLogger(__name__)
 _MEAN, _STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP preprocessing
-TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "patch_size": 8},
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
              "text_cfg": {"context_length": 40, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
 
 
@@ -69,6 +69,7 @@ class TGCNetConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "out_proj")
     align_weight: float = 0.1  # weight of the image-report InfoNCE term in aux_loss
+    align_temperature: float = 0.07  # fixed (a learnable scale would be a raw parameter Opacus cannot handle)
     groups: int = 8  # GroupNorm groups (capped by the width)
     extra: dict = field(default_factory=dict)  # free-form notes kept with the config
 
@@ -154,6 +155,7 @@ def build_clip(cfg: TGCNetConfig) -> tuple[nn.Module, dict]:
             clip = open_clip.model.CLIP(c["embed_dim"], vision, dict(c["text_cfg"]))
             prov.update(clip_weights="random-init", reason="custom config (tests / small models)")
             return clip, prov
+        from fedtextseg.models.dinov2 import PretrainedWeightsWarning
         from fedtextseg.text.encoders import EncoderWeightsUnavailable, resolve_clip_weights
 
         weights = {"path": None, "quick_gelu": False}
@@ -163,7 +165,7 @@ def build_clip(cfg: TGCNetConfig) -> tuple[nn.Module, dict]:
             except EncoderWeightsUnavailable as exc:
                 msg = (f"TGC-Net: CLIP {cfg.clip_model} weights {cfg.pretrained!r} not found ({exc.missing}); "
                        "USING RANDOM-INIT CLIP: results will not reflect a pretrained model")
-                warnings.warn(msg, stacklevel=3)
+                warnings.warn(msg, PretrainedWeightsWarning, stacklevel=3)
                 log.warning(msg)
                 prov["reason"] = exc.missing
         clip = open_clip.create_model(cfg.clip_model, pretrained=weights["path"], force_image_size=cfg.image_size,
@@ -265,6 +267,18 @@ class Calibration(nn.Module):
         return t.transpose(1, 2).reshape(b, c, h, w), text
 
 
+class TextIn(nn.Module):
+    """CLIP text token features -> ``text_dim`` plus a segment embedding (0: report, 1: glossary knowledge)."""
+
+    def __init__(self, width: int, dim: int):
+        super().__init__()
+        self.norm, self.proj, self.segment = nn.LayerNorm(width), nn.Linear(width, dim), nn.Embedding(2, dim)
+
+    def forward(self, tokens: Tensor, segment: int) -> Tensor:
+        seg = torch.full(tokens.shape[:2], segment, dtype=torch.long, device=tokens.device)
+        return self.proj(self.norm(tokens)) + self.segment(seg)
+
+
 class Up(nn.Module):
     """Bilinear x2, 1x1 conv to the skip width, concat the skip, two 3x3 convs."""
 
@@ -325,10 +339,9 @@ class TGCNet(nn.Module):
             import open_clip
 
             self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
-            self.text_in = nn.Sequential(nn.LayerNorm(tw), nn.Linear(tw, cfg.text_dim))
-            self.segment = nn.Parameter(0.02 * torch.randn(2, cfg.text_dim))  # report tokens / knowledge tokens
-            self.img_embed, self.txt_embed = nn.Linear(w2, cfg.text_dim), nn.Linear(cfg.text_dim, cfg.text_dim)
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            self.text_in = TextIn(tw, cfg.text_dim)
+            if cfg.align_weight > 0:  # unused layers would have no (per-sample) gradient
+                self.img_embed, self.txt_embed = nn.Linear(w2, cfg.text_dim), nn.Linear(cfg.text_dim, cfg.text_dim)
             if cfg.glossary:
                 from fedtextseg.text.glossary import Glossary
 
@@ -380,13 +393,13 @@ class TGCNet(nn.Module):
         """(tokens [B, K, text_dim] before calibration, key mask [B, K], number of report tokens L)."""
         ids = self.tokenizer(texts).to(device)
         b, length = ids.shape
-        tokens = self.text_in(self.towers.text(ids)) + self.segment[0]
+        tokens = self.text_in(self.towers.text(ids), 0)
         mask = torch.arange(length, device=device)[None] <= ids.argmax(-1)[:, None]  # up to and with EOT
         if self.glossary is not None:
             kid = self.knowledge_ids
             with torch.no_grad():  # fixed definitions: no per-sample gradient through them (DP-SGD)
                 k = self.towers.text(kid)[torch.arange(kid.shape[0], device=device), kid.argmax(-1)]
-            k = self.text_in(k[None].expand(b, -1, -1)) + self.segment[1]
+            k = self.text_in(k[None].expand(b, -1, -1), 1)  # batch-first B, as Opacus needs
             names = [t.term for t in self.glossary.terms]
             present = torch.tensor([[n in set(self.glossary.terms_in(s)) for n in names] for s in texts],
                                    dtype=torch.bool, device=device)
@@ -401,7 +414,7 @@ class TGCNet(nn.Module):
         m = mask.to(text.dtype)[..., None]
         txt = (text * m).sum(1) / m.sum(1)
         zi, zt = F.normalize(self.img_embed(img).float(), dim=-1), F.normalize(self.txt_embed(txt).float(), dim=-1)
-        sim = self.logit_scale.exp().clamp(max=100) * zi @ zt.T
+        sim = zi @ zt.T / self.config.align_temperature
         same = torch.tensor([[a == c for c in texts] for a in texts], dtype=torch.float32, device=sim.device)
         target = same / same.sum(1, keepdim=True)
         loss = -(target * F.log_softmax(sim, 1)).sum(1).mean() - (target * F.log_softmax(sim.T, 1)).sum(1).mean()
@@ -483,21 +496,26 @@ _NAMED = {
 }
 
 
+TGCNET_CONFIGS = {name: asdict(TGCNetConfig(**kw)) for name, kw in _NAMED.items()}
+
+
 def _create(name: str, **overrides) -> TGCNet:
     cfg = merge_config(model_config(name), overrides, where=name)
-    return TGCNet(config_from_dict(TGCNetConfig, cfg, where=name))
+    model = TGCNet(config_from_dict(TGCNetConfig, cfg, where=name))
+    model.model_name = model.provenance["model"] = name
+    return model
 
 
-@register_model(config=asdict(TGCNetConfig(**_NAMED["tgcnet_tiny"])))
+@register_model(config=TGCNET_CONFIGS["tgcnet_tiny"])
 def tgcnet_tiny(**kwargs) -> TGCNet:
     return _create("tgcnet_tiny", **kwargs)
 
 
-@register_model(config=asdict(TGCNetConfig(**_NAMED["tgcnet_small"])))
+@register_model(config=TGCNET_CONFIGS["tgcnet_small"])
 def tgcnet_small(**kwargs) -> TGCNet:
     return _create("tgcnet_small", **kwargs)
 
 
-@register_model(config=asdict(TGCNetConfig(**_NAMED["tgcnet_paper"])))
+@register_model(config=TGCNET_CONFIGS["tgcnet_paper"])
 def tgcnet_paper(**kwargs) -> TGCNet:
     return _create("tgcnet_paper", **kwargs)

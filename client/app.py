@@ -1,0 +1,109 @@
+"""Flower ClientApp: one hospital. Thin glue over ``fedtextseg.runtime.SiteRunner``.
+
+Which site: ``site-path`` in the node config (deployment: ``flower-supernode --node-config 'site-path="/data/a"'``),
+or, in simulation, the ``partition-id``-th site listed in ``<data-root>/federation.yaml``.
+
+Per round (``train``): take the frozen common parts (sent once by hash, kept in a local cache), load the global
+shared + per-class arrays, train locally, reply with the updated arrays, the sample count, the annotated-class
+mask and numeric metrics. ``evaluate``: the global model's per-class Dice/HD95 on the site's validation cases,
+one key per vocabulary class (with a ``has/`` flag), so every site's reply carries the same keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from fedtextseg.federation.frozen import FrozenCache
+from fedtextseg.flower_adapter import (eval_reply_content, missing_frozen_error, receive_frozen, record_nbytes,
+                                       record_to_arrays, record_to_config, site_reply_content)
+from fedtextseg.federation.frozen import MISSING_FROZEN
+from fedtextseg.params import merge_into
+from fedtextseg.runtime import SiteRunner, build_model
+from fedtextseg.sites import resolve_site_path
+from fedtextseg.config import compose_config
+
+app = ClientApp()
+log = logging.getLogger("fedtextseg.client")
+
+# In simulation the same process serves many rounds: keep each site's runner (data cached in memory and on disk).
+_RUNNERS: dict[tuple, SiteRunner] = {}
+
+
+def _config(context: Context):
+    rc = context.run_config
+    cfg = compose_config(str(rc.get("experiment", "demo")), str(rc.get("overrides", "")))
+    if rc.get("data-root"):
+        cfg.data.root = str(rc["data-root"])
+    threads = cfg.run.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    return cfg
+
+
+def _runner(msg: Message, context: Context) -> tuple[SiteRunner, str]:
+    cfg = _config(context)
+    site_path = resolve_site_path(cfg, context.node_config)
+    cache_dir = cfg.federation.get("frozen_cache") or str(Path(os.environ.get("FEDTEXTSEG_CACHE", Path.home() / ".cache" / "fedtextseg")) / "frozen")
+    bundle = receive_frozen(msg.content, FrozenCache(cache_dir))
+    key = (context.run_id, str(site_path), bundle.content_hash)
+    if key not in _RUNNERS:
+        model = build_model(cfg, frozen=bundle.arrays, meta=bundle.meta)
+        _RUNNERS[key] = SiteRunner(cfg, site_path, model)
+    runner = _RUNNERS[key]
+    arrays = record_to_arrays(msg.content.array_records["arrays"])
+    merge_into(runner.model, {k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
+    return runner, bundle.content_hash
+
+
+def _wire_arrays(runner: SiteRunner) -> dict:
+    groups = runner.model.param_groups()
+    state = runner.model.state_dict()
+    names = list(groups.shared) + list(groups.per_class)
+    return {k: state[k].detach().cpu().float().numpy() if state[k].is_floating_point() else state[k].cpu().numpy()
+            for k in names}
+
+
+def _error_reply(msg: Message, exc: Exception) -> Message:
+    text = str(exc)
+    if MISSING_FROZEN in text:
+        return Message(missing_frozen_error(text.split(":")[1].split()[-1] if ":" in text else ""), reply_to=msg)
+    raise exc
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    try:
+        runner, _ = _runner(msg, context)
+    except Exception as exc:  # a missing frozen bundle is answered, anything else is a real failure
+        return _error_reply(msg, exc)
+    conf = record_to_config(msg.content.config_records["config"])
+    start = time.perf_counter()
+    stats = runner.train_round(round_=int(conf["round"]), total_rounds=int(conf["total-rounds"]),
+                               prox_mu=float(conf.get("prox-mu", 0.0)))
+    content = site_reply_content(
+        _wire_arrays(runner), runner.num_examples, runner.site.annotated_mask(),
+        {**stats.as_metrics(), "round_seconds": time.perf_counter() - start},
+    )
+    content["site"] = ConfigRecord({"name": runner.site.name, "task": runner.site.task})
+    log.info("[%s] round %s: %d steps, loss %.4f, reply %.2f MB", runner.site.name, conf["round"], stats.steps,
+             stats.loss, record_nbytes(content) / 1e6)
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    try:
+        runner, _ = _runner(msg, context)
+    except Exception as exc:
+        return _error_reply(msg, exc)
+    summary = runner.evaluate()
+    content = eval_reply_content(summary, runner.site.vocabulary.class_names, len(runner.data.val_cases))
+    content["site"] = ConfigRecord({"name": runner.site.name})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,207 @@
+"""The server's side of a federated run, without Flower: global state, rounds, records, checkpoints, resume.
+
+``server/app.py`` is the Flower glue: it turns :meth:`Coordinator.train_content` into messages, replies into
+:class:`SiteUpdate` objects, and calls :meth:`Coordinator.finish_train_round` / :meth:`record_site_eval`. Everything a
+round decides (which sites count, how groups are aggregated, what is logged, what a checkpoint holds) is here, so
+it is tested without a SuperLink.
+
+What crosses the wire per round: the *shared* and *per-class* arrays (``wire_arrays``); the *frozen common* arrays
+(pretrained DINOv2/CLIP weights + text bank) go to each node once, by content hash (:class:`FrozenDistributor`);
+*local* arrays never leave a site.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from fedtextseg.federation.aggregation import SiteUpdate, aggregate, class_coverage, screen_updates
+from fedtextseg.federation.checkpoint import load_latest, save_checkpoint
+from fedtextseg.federation.frozen import FrozenBundle, FrozenDistributor
+from fedtextseg.federation.server_opt import make_server_optimizer
+from fedtextseg.metrics import mean_over_classes
+from fedtextseg.params import count_params, merge_into
+from fedtextseg.runtime import build_model, prepare_bank
+from fedtextseg.tracking import RunRecorder, dice_table, environment_info, format_table, read_metrics
+
+__all__ = ["Coordinator", "RoundOutcome"]
+
+log = logging.getLogger(__name__)
+
+
+class RoundOutcome(dict):
+    """What one training round did: sites used, sites excluded (with reasons), bytes, losses."""
+
+
+class Coordinator:
+    """Global model state and the round logic of one federated run."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, *, resume: bool = False, log_fn=print):
+        self.cfg = cfg
+        self.log_fn = log_fn
+        self.total_rounds = int(cfg.federation.rounds)
+        self.recorder = RunRecorder(run_dir, cfg, resume=resume)
+        torch.manual_seed(int(cfg.run.seed))
+        np.random.seed(int(cfg.run.seed))
+        self.bank = prepare_bank(cfg, log_fn=log_fn)
+        self.model = build_model(cfg, self.bank)
+        self.groups = self.model.param_groups()
+        state = self.model.state_dict()
+        self.wire_names = list(self.groups.shared) + list(self.groups.per_class)
+        self.global_arrays = {k: state[k].detach().cpu().numpy().copy() for k in self.wire_names}
+        self.frozen = FrozenBundle(
+            {k: state[k].detach().cpu().numpy() for k in self.groups.frozen_common},
+            meta={"class_names": list(self.bank.class_names), "task_names": list(self.bank.task_names),
+                  "model": cfg.model.name, "bank": self.bank.provenance(),
+                  "dino": dict(self.model.provenance.get("dino", {}))},
+        )
+        self.distributor = FrozenDistributor(self.frozen)
+        self.server_opt = make_server_optimizer(cfg.federation.rule, **dict(cfg.federation.get("server_opt") or {}))
+        self.start_round = 1
+        self.site_annotations: dict[str, list[str]] = {}
+        self._unseen = None
+        if resume:
+            self._resume()
+        wire_bytes = int(sum(a.nbytes for a in self.global_arrays.values()))
+        self.recorder.update_metadata(
+            experiment=cfg.run.experiment, provenance=self.model.provenance, text_bank=self.bank.provenance(),
+            frozen_hash=self.frozen.content_hash, frozen_bytes=self.frozen.nbytes, wire_bytes=wire_bytes,
+            params=count_params(self.model, self.groups), environment=environment_info(),
+        )
+        self.log_fn(
+            f"fedtextseg: {cfg.model.name} with {len(self.wire_names)} wire tensors ({wire_bytes / 1e6:.2f} MB/round "
+            f"each way per site), frozen common parts {self.frozen.nbytes / 1e6:.2f} MB sent once per site "
+            f"(hash {self.frozen.content_hash}); text bank: {self.bank.encoder.get('kind')} "
+            f"{self.bank.encoder.get('model') or ''} {self.bank.encoder.get('fallback_reason') or ''}".rstrip()
+        )
+
+    # ------------------------------------------------------------------ resume
+    def _resume(self) -> None:
+        ckpt = load_latest(self.recorder.run_dir)
+        if ckpt is None:
+            self.log_fn(f"resume: no checkpoint in {self.recorder.run_dir}; starting at round 1")
+            return
+        missing = set(self.wire_names) - set(ckpt.global_arrays)
+        if missing:
+            raise RuntimeError(f"{ckpt.path}: checkpoint lacks arrays {sorted(missing)[:5]}: not a checkpoint of "
+                               f"this model configuration")
+        self.global_arrays = {k: np.asarray(ckpt.global_arrays[k]) for k in self.wire_names}
+        self.server_opt.load_state_dict(ckpt.strategy_state.get("server_opt", {}))
+        self.site_annotations = dict(ckpt.extra.get("site_annotations", {}))
+        ckpt.restore_rng()
+        self.start_round = int(ckpt.round) + 1
+        self.recorder.truncate_after(int(ckpt.round))
+        self.log_fn(f"resume: continuing after round {ckpt.round} from {ckpt.path}")
+
+    # ------------------------------------------------------------------ round protocol
+    def round_config(self, round_: int) -> dict[str, Any]:
+        return {"round": int(round_), "total-rounds": self.total_rounds,
+                "prox-mu": float(self.cfg.federation.get("prox_mu", 0.0) or 0.0)}
+
+    def frozen_payload(self, node_id: Any) -> FrozenBundle | None:
+        return self.distributor.payload_for(node_id)
+
+    def finish_train_round(self, round_: int, updates: list[SiteUpdate], failures: Mapping[str, str],
+                           bytes_sent: Mapping[str, int] | None = None,
+                           bytes_received: Mapping[str, int] | None = None) -> RoundOutcome:
+        """Screen replies, aggregate group-wise (class-aware rows), step the server optimiser, record."""
+        failures = dict(failures)
+        good, bad = screen_updates(self.global_arrays, updates, self.groups)
+        for node, problems in bad.items():
+            failures[node] = "; ".join(problems)
+        outcome = RoundOutcome(round=round_, sites=[u.node for u in good], excluded=failures)
+        min_sites = int(self.cfg.federation.get("min_sites", 1) or 1)
+        if len(good) < min_sites:
+            outcome["aggregated"] = False
+            self.log_fn(f"round {round_}: only {len(good)} usable replies (< min_sites={min_sites}); "
+                        f"global model unchanged. Excluded: {failures}")
+        else:
+            robust = self.cfg.federation.get("robust")
+            agg = aggregate(self.global_arrays, good, self.groups, rule=robust or "mean",
+                            weighting=self.cfg.federation.get("weighting", "examples"))
+            num_classes = len(self.bank.class_names)
+            coverage = class_coverage(good, num_classes, weighting=self.cfg.federation.get("weighting", "examples"))
+            self.global_arrays = self.server_opt.step(self.global_arrays, agg, self.groups, coverage)
+            outcome["aggregated"] = True
+        for u in good:
+            names = [c for c, a in zip(self.bank.class_names, u.annotated) if a]
+            self.site_annotations[u.node] = names
+            self.recorder.log("train", round_, site=u.node, num_examples=u.num_examples,
+                              bytes_sent=(bytes_sent or {}).get(u.node), bytes_received=(bytes_received or {}).get(u.node),
+                              **{k: v for k, v in u.metrics.items() if isinstance(v, (int, float))})
+        for node, why in failures.items():
+            self.recorder.log("failure", round_, site=node, reason=why)
+        self.recorder.log("round", round_, sites=len(good), excluded=len(failures), aggregated=outcome["aggregated"],
+                          bytes_sent=int(sum((bytes_sent or {}).values())),
+                          bytes_received=int(sum((bytes_received or {}).values())))
+        losses = [u.metrics.get("train_loss") for u in good if "train_loss" in u.metrics]
+        self.log_fn(f"round {round_}/{self.total_rounds}: {len(good)} sites aggregated"
+                    + (f", mean train loss {np.mean(losses):.4f}" if losses else "")
+                    + (f", excluded {failures}" if failures else ""))
+        return outcome
+
+    def record_site_eval(self, round_: int, site: str, per_class: Mapping[str, Mapping[str, float]]) -> None:
+        self.recorder.log_per_class("site_eval", round_, site, per_class)
+
+    # ------------------------------------------------------------------ server-side evaluation
+    def global_model(self) -> torch.nn.Module:
+        merge_into(self.model, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.global_arrays.items()})
+        return self.model
+
+    def evaluate_unseen(self, round_: int, site_path: str | Path) -> dict[str, dict[str, float]]:
+        """Global model on the held-out hospital (all its labeled cases)."""
+        from fedtextseg.runtime import SiteRunner
+
+        if self._unseen is None:
+            runner = SiteRunner(self.cfg, site_path, self.global_model())
+            self._unseen = (runner, runner.all_cases_dataset())
+        runner, dataset = self._unseen
+        runner.model = self.global_model()
+        start = time.perf_counter()
+        summary = runner.evaluate(dataset)
+        self.recorder.log_per_class("unseen_eval", round_, f"unseen:{runner.site.name}", summary)
+        self.log_fn(f"round {round_}: unseen hospital {runner.site.name!r} mean Dice "
+                    f"{mean_over_classes(summary):.3f} over {len(summary)} classes ({time.perf_counter() - start:.0f}s)")
+        return summary
+
+    # ------------------------------------------------------------------ persistence
+    def checkpoint(self, round_: int) -> Path:
+        return save_checkpoint(
+            self.recorder.run_dir, round_, self.global_arrays,
+            strategy_state={"server_opt": self.server_opt.state_dict()},
+            extra={"site_annotations": self.site_annotations, "frozen_hash": self.frozen.content_hash},
+        )
+
+    def save_model(self) -> Path:
+        """The final global model as one self-describing file (weights, architecture, bank, classes, sites)."""
+        from fedtextseg.model_file import save_model_file
+
+        return save_model_file(
+            self.recorder.run_dir / "model.pt", self.global_model(), self.cfg, bank=self.bank,
+            annotated_by=self._annotated_by(), training={"rounds": self.total_rounds,
+                                                         "sites": sorted(self.site_annotations)},
+        )
+
+    def _annotated_by(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for site, classes in sorted(self.site_annotations.items()):
+            for c in classes:
+                out.setdefault(c, []).append(site)
+        return out
+
+    def summary_table(self) -> str:
+        """Per-class Dice of the final global model on every site and on the unseen hospital."""
+        rows = read_metrics(self.recorder.metrics_path)
+        table = dice_table(rows, "site_eval")
+        for cls, per_site in dice_table(rows, "unseen_eval").items():
+            table.setdefault(cls, {}).update(per_site)
+        text = format_table(table, self.bank.class_names,
+                            title="Per-class Dice of the final global model (blank: site does not annotate the class)")
+        (self.recorder.run_dir / "summary.txt").write_text(text + "\n")
+        return text

@@ -1,0 +1,229 @@
+"""Wiring from a resolved config to running parts: text bank -> model, a site's cached data, local training,
+evaluation. Centralized training, the Flower client and server, and the benchmarks all build through here, so
+they share one definition of "a site trains for a round" (``engine`` does the loop itself).
+
+Server side: :func:`prepare_bank` (the only place a text encoder or hub cache is touched) and
+:func:`build_model`. Site side: :class:`SiteRunner` (site data cached once, then ``train_round`` / ``evaluate``),
+which a Flower client keeps alive across rounds in simulation and rebuilds cheaply from the disk cache in
+deployment, where every message starts a fresh process.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fedtextseg import engine
+from fedtextseg.data.dataset import SiteData, build_site_data, make_loader
+from fedtextseg.data.site import Site, load_site
+from fedtextseg.data.transforms import PreprocessConfig
+from fedtextseg.errors import ConfigError
+from fedtextseg.losses import ConditionalDistillation, build_loss
+from fedtextseg.models import create_model
+from fedtextseg.text import EmbeddingBank
+from fedtextseg.vocab import get_vocabulary
+
+__all__ = [
+    "prepare_bank",
+    "build_model",
+    "preprocess_config",
+    "lr_for_round",
+    "distill_weight_for_round",
+    "SiteRunner",
+    "derived_seed",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def derived_seed(*parts: Any) -> int:
+    """A stable 31-bit seed from any parts (run seed, site name, round): the same in every process."""
+    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+# ----------------------------------------------------------------------------- server side: bank and model
+def prepare_bank(cfg: DictConfig, log_fn=print) -> EmbeddingBank:
+    """The text embedding bank the run uses: a prebuilt file (``text.bank``) or encoded now, offline-aware."""
+    from fedtextseg.text import build_bank
+
+    if cfg.text.get("bank"):
+        return EmbeddingBank.load(cfg.text.bank)
+    vocab = cfg.data.get("vocabulary", "abdomen-ct")
+    pretrained = cfg.text.get("pretrained")
+    return build_bank(
+        vocabulary=vocab,
+        encoder=cfg.text.encoder,
+        model=cfg.text.get("model"),
+        pretrained=None if pretrained in (None, "none", "None") else pretrained,
+        allow_fallback=bool(cfg.text.get("allow_fallback", False)),
+        log=log_fn,
+    )
+
+
+def build_model(cfg: DictConfig, bank: EmbeddingBank | None = None, *, frozen: Mapping[str, Any] | None = None,
+                meta: Mapping[str, Any] | None = None) -> nn.Module:
+    """The configured model, from a bank (server) or from a frozen bundle's arrays + meta (site).
+
+    A site never loads pretrained weights itself: it builds the architecture with random frozen parts, then
+    takes the server's frozen arrays (DINOv2 weights and the text bank), so an air-gapped node needs no hub.
+    """
+    kwargs = dict(_plain(cfg.model.get("kwargs")) or {})
+    if bank is not None:
+        text = dict(class_embeddings=bank.class_embeddings, task_embeddings=bank.task_embeddings,
+                    class_names=bank.class_names, task_names=bank.task_names)
+    elif frozen is not None and meta is not None:
+        text = dict(class_embeddings=torch.as_tensor(frozen["class_embeddings"]),
+                    task_embeddings=torch.as_tensor(frozen["task_embeddings"]),
+                    class_names=list(meta["class_names"]), task_names=list(meta["task_names"]))
+        dino = dict(kwargs.get("dino") or {})
+        dino["weights"] = "provided"  # filled in below from the server's arrays
+        kwargs["dino"] = dino
+    else:
+        raise ConfigError("build_model needs an embedding bank (server) or the frozen arrays + meta (site)")
+    model = create_model(cfg.model.name, **text, **kwargs)
+    if frozen is not None:
+        from fedtextseg.params import merge_into
+
+        merge_into(model, {k: torch.as_tensor(v) for k, v in frozen.items()})
+        if meta is not None and "dino" in meta:
+            model.provenance["dino"] = dict(meta["dino"])
+    return model
+
+
+def preprocess_config(cfg: DictConfig, model: nn.Module | None = None) -> PreprocessConfig:
+    """The data pipeline's settings; with the DINOv2 feature cache on, in-plane tiles = the patch's in-plane size."""
+    pre = dict(_plain(cfg.data.preprocess))
+    if model is not None and _uses_feature_cache(cfg, model):
+        pre["tile"] = tuple(pre["patch_size"][1:])
+        pre["rot90_prob"] = 0.0  # in-plane rotations do not commute with cached ViT features
+    return PreprocessConfig.from_dict(pre)
+
+
+def _uses_feature_cache(cfg: DictConfig, model: nn.Module) -> bool:
+    return bool(cfg.model.get("dino_cache", False)) and getattr(model, "dino", None) is not None
+
+
+def lr_for_round(cfg: DictConfig, round_: int, total_rounds: int) -> float:
+    """Cosine decay of the learning rate over the whole run (per round), after optional warm-up rounds."""
+    base = float(cfg.train.lr)
+    if cfg.train.get("lr_schedule", "cosine") == "constant" or total_rounds <= 1:
+        return base
+    warm = int(cfg.train.get("warmup_rounds", 0) or 0)
+    if round_ <= warm:
+        return base * round_ / max(1, warm)
+    t = (round_ - 1 - warm) / max(1, total_rounds - warm)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def distill_weight_for_round(cfg: DictConfig, round_: int, total_rounds: int) -> float:
+    if cfg.train.loss != "distill":
+        return 0.0
+    lo, hi = (float(v) for v in cfg.train.distill_weight)
+    return lo + (hi - lo) * (round_ - 1) / max(1, total_rounds - 1)
+
+
+# ----------------------------------------------------------------------------- site side
+class SiteRunner:
+    """One site's data (cached once) and model: ``train_round`` and ``evaluate`` for any entry point."""
+
+    def __init__(self, cfg: DictConfig, site: Site | str | Path, model: nn.Module, *, device: str | None = None,
+                 cache_dir: str | Path | None | bool = None):
+        self.cfg = cfg
+        self.site = site if isinstance(site, Site) else load_site(site, cfg.data.get("vocabulary"))
+        self.device = engine.resolve_device(device or cfg.run.device)
+        self.model = model
+        self._check_vocabulary()
+        self.pre = preprocess_config(cfg, model)
+        feature_fn = feature_key = None
+        if _uses_feature_cache(cfg, model):
+            from fedtextseg.models import volume_feature_fn
+
+            feature_fn = volume_feature_fn(model, self.pre.tile)
+            feature_key = f"{model.dino.signature()}-{'x'.join(map(str, self.pre.tile))}"
+        if cache_dir is None and cfg.data.get("cache_dir"):
+            cache_dir = cfg.data.cache_dir
+        self.data: SiteData = build_site_data(
+            self.site, self.pre, cache_dir=cache_dir, val_fraction=float(cfg.data.val_fraction),
+            seed=int(cfg.run.seed), feature_fn=feature_fn, feature_key=feature_key,
+        )
+        vocab = self.site.vocabulary
+        self.loss_fn = build_loss(cfg.train.loss, vocab)
+        self.distill_fn = ConditionalDistillation(float(cfg.train.distill_temperature))
+        # largest-connected-component clean-up: organs only (tumors are often multifocal)
+        self.keep_largest = [i for i, c in enumerate(vocab.classes) if c.parent is None] if cfg.eval.keep_largest else []
+        log.info("%s", self.data.describe())
+
+    def _check_vocabulary(self) -> None:
+        names = list(getattr(self.model, "class_names", []))
+        if names and names != self.site.vocabulary.class_names:
+            raise ConfigError(
+                f"site {self.site.name!r} speaks vocabulary {self.site.vocabulary.name!r} "
+                f"({self.site.vocabulary.num_classes} classes) but the model's head has {len(names)} classes "
+                "from another vocabulary; encode the bank with the site's vocabulary"
+            )
+
+    @property
+    def num_examples(self) -> int:
+        """Training volumes (the FedAvg weight of this site)."""
+        return len(self.data.train_cases)
+
+    def train_round(self, *, round_: int, total_rounds: int, steps: int | None = None,
+                    prox_mu: float = 0.0, teacher: nn.Module | None = None, optimizer=None,
+                    log_every: int | None = None) -> engine.TrainStats:
+        """Local training for one round; deterministic given (run seed, site, round) whatever ran before."""
+        cfg = self.cfg
+        seed = derived_seed(cfg.run.seed, self.site.name, round_)
+        torch.manual_seed(seed)
+        self.data.train_ds.transform.set_random_state(seed=seed)
+        generator = torch.Generator().manual_seed(seed)
+        loader = make_loader(self.data.train_ds, batch_size=int(cfg.train.batch_size), shuffle=True,
+                             generator=generator)
+        self.model = engine.prepare_model(self.model, self.device)
+        lr = lr_for_round(cfg, round_, total_rounds)
+        optimizer = optimizer or engine.make_optimizer(self.model, lr, float(cfg.train.weight_decay), cfg.train.optimizer)
+        reference = None
+        if prox_mu > 0:
+            reference = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        distill_weight = distill_weight_for_round(cfg, round_, total_rounds)
+        if distill_weight > 0 and teacher is None:
+            teacher = copy.deepcopy(self.model).eval()
+        return engine.train_steps(
+            self.model, loader, loss_fn=self.loss_fn, optimizer=optimizer,
+            steps=int(steps if steps is not None else cfg.train.local_steps), device=self.device,
+            precision=cfg.run.precision, grad_clip=cfg.train.grad_clip, prox_mu=prox_mu, prox_reference=reference,
+            teacher=teacher if distill_weight > 0 else None, distill_fn=self.distill_fn,
+            distill_weight=distill_weight, log_every=int(log_every if log_every is not None else cfg.train.log_every),
+            label=f"[{self.site.name}] round {round_}",
+        )
+
+    def evaluate(self, dataset=None, max_cases: int | None = None, task_override: int | None = None):
+        """Per-class Dice/HD95 of the current model on this site's validation cases (its annotated classes)."""
+        ds = self.data.val_ds if dataset is None else dataset
+        limit = max_cases if max_cases is not None else self.cfg.eval.get("max_cases")
+        items = (ds[i] for i in range(len(ds) if limit is None else min(len(ds), int(limit))))
+        return engine.evaluate(
+            self.model, items, self.site.vocabulary.class_names, roi_size=tuple(self.pre.patch_size),
+            overlap=float(self.cfg.eval.overlap), threshold=float(self.cfg.eval.threshold),
+            keep_largest=self.keep_largest, device=self.device, precision=self.cfg.run.precision,
+            with_hd95=bool(self.cfg.eval.hd95), task_override=task_override,
+        )
+
+    def all_cases_dataset(self):
+        """Every labeled case as a validation item (for evaluating on a held-out hospital)."""
+        from fedtextseg.data.dataset import SiteDataset, case_items
+        from fedtextseg.data.transforms import val_transform
+
+        return SiteDataset(case_items(self.site.labeled_cases), val_transform(self.site, self.pre))
