@@ -17,6 +17,9 @@ class SiteError(FedTextSegError):
         self.problem = problem
         super().__init__(f"{path}: {problem}")
 
+    def __reduce__(self):  # picklable across DataLoader workers and Ray processes
+        return (type(self), (self.path, self.problem))
+
 
 class ConfigError(FedTextSegError):
     """A configuration that cannot work, with what to change."""

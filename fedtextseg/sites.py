@@ -70,7 +70,8 @@ def ensure_data(cfg: DictConfig, log_fn=print) -> list[Path]:
         log_fn(f"generating synthetic hospitals in {root} ({gen.sites} sites x {gen.cases_per_site} cases, "
                f"shape {list(gen.shape)}, seed {gen.seed}) ...")
         generate_hospitals(root, sites=int(gen.sites), cases_per_site=int(gen.cases_per_site), seed=int(gen.seed),
-                           shape=tuple(gen.shape), unseen=bool(cfg.data.get("unseen")))
+                           shape=tuple(gen.shape), unseen=bool(cfg.data.get("unseen")),
+                           force=True)  # force: only the generator's own leftovers (an interrupted run) are replaced
     return federation_sites(cfg)
 
 

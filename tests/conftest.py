@@ -27,7 +27,7 @@ SHAPE = (24, 28, 20)
 
 
 def ras_affine(spacing: Sequence[float] = (1.5, 1.5, 1.5), origin: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
-    """Diagonal voxel-to-world affine: axis 0 -> +x (patient left), 1 -> +y (anterior), 2 -> +z (superior)."""
+    """Diagonal voxel-to-world affine: axis 0 -> +x (patient right, RAS+), 1 -> +y (anterior), 2 -> +z (superior)."""
     affine = np.diag([*map(float, spacing), 1.0])
     affine[:3, 3] = origin
     return affine
@@ -90,7 +90,8 @@ def synthetic_case(label_map: Mapping[int, str], shape: Sequence[int] = SHAPE, s
 def make_nifti_site(root: str | Path, *, name: str = "site", n_cases: int = 3, n_unlabeled: int = 0,
                     shape: Sequence[int] = SHAPE, label_map: Mapping[int, str] | None = None, task: str | None = "lits",
                     annotated: Sequence[str] | None = None, layout: str = "site", msd_labels: Mapping | None = None,
-                    site_yaml: Mapping | None | bool = True, affine: np.ndarray | Callable[[int], np.ndarray] | None = None,
+                    site_yaml: Mapping | None | bool = True,
+                    affine: np.ndarray | Callable[[int], np.ndarray] | None = None,
                     suffix: str = ".nii.gz", seed: int = 0, vocabulary: str | None = None,
                     case_fn: Callable[[int, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
                     ) -> Path:
@@ -117,8 +118,10 @@ def make_nifti_site(root: str | Path, *, name: str = "site", n_cases: int = 3, n
         labels = msd_labels or {"0": "background", **{str(k): v for k, v in label_map.items()}}
         (root / "dataset.json").write_text(json.dumps({
             "name": name, "labels": labels, "numTraining": n_cases, "tensorImageSize": "3D",
-            "training": [{"image": f"./{image_dir}/case_{i:03d}{suffix}", "label": f"./{label_dir}/case_{i:03d}{suffix}"}
-                         for i in range(n_cases)],
+            "training": [
+                {"image": f"./{image_dir}/case_{i:03d}{suffix}", "label": f"./{label_dir}/case_{i:03d}{suffix}"}
+                for i in range(n_cases)
+            ],
         }))
         if isinstance(site_yaml, Mapping):
             (root / "site.yaml").write_text(yaml.safe_dump(dict(site_yaml)))

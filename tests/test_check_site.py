@@ -133,7 +133,7 @@ def test_full_reports_every_bad_case_and_quick_stops_at_first(site_root, capsys)
 
     assert check_site_main([str(site_root), "--full"]) == 1
     out = capsys.readouterr().out
-    assert "problems (3)" in out and "labels/case_001.nii.gz: label values 4" in out and "RESULT: problems found" in out
+    assert "problems (3)" in out and "labels/case_001.nii.gz: label value 4 is not declared" in out and "RESULT: problems found" in out
     assert check_site_main([str(site_root)]) == 1
     assert "stopped at the first bad case" in capsys.readouterr().out
 
@@ -152,3 +152,21 @@ def test_unreadable_site_exits_2(tmp_path, capsys):
 def test_vocabulary_option_is_used(site_root, capsys):
     assert check_site_main([str(site_root), "--vocabulary", "chest-xray"]) == 2  # liver is not an X-ray class
     assert "unknown class name 'liver'" in capsys.readouterr().err
+
+
+def test_xray_sites_are_delegated_and_notes_do_not_fail(tmp_path, capsys):
+    from PIL import Image
+
+    from fedtextseg.data.synthetic_xray import generate_xray_hospitals
+
+    (root,) = generate_xray_hospitals(tmp_path, sites=1, images_per_site=3, size=32)
+    report = check_site(root)
+    assert report.format == "png-csv" and report.ok and report.cases_checked == 3
+    masks = sorted(p for p in root.rglob("*.png") if "mask" in str(p.relative_to(root)))
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(masks[0])  # an empty mask: a note, not a problem
+    report = check_site(root)
+    assert report.ok and len(report.notes) == 1 and "empty" in report.notes[0][1]
+    masks[1].write_bytes(b"not a png")
+    report = check_site(root)
+    assert not report.ok and [os.path.basename(p) for p, _ in report.problems] == [masks[1].name]
+    assert check_site_main([str(root)]) == 1 and "notes (1)" in capsys.readouterr().out

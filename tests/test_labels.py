@@ -41,10 +41,10 @@ def las_copy(label: np.ndarray, ras_affine: np.ndarray) -> tuple[np.ndarray, np.
 
 def two_kidneys(tumor_in_right: bool = False) -> np.ndarray:
     label = np.zeros(SHAPE, np.uint8)
-    label[3:8, 10:16, 8:12] = 1  # low axis-0 index = low world x = patient right (RAS)
-    label[16:21, 10:16, 8:12] = 1
+    label[16:21, 10:16, 8:12] = 1  # high axis-0 index = high world x = patient right (RAS+)
+    label[3:8, 10:16, 8:12] = 1
     if tumor_in_right:
-        label[5:7, 12:14, 9:11] = 2
+        label[18:20, 12:14, 9:11] = 2
     return label
 
 
@@ -69,14 +69,14 @@ def test_kidney_composite_split_by_side_in_world_coordinates():
     site = make_site({1: "kidney"})
     label = two_kidneys()
     ras = labels_to_channels(label, RAS, site)
-    assert ras[ch("right kidney"), 3:8].sum() == 5 * 6 * 4
+    assert ras[ch("right kidney"), 16:21].sum() == 5 * 6 * 4
     assert ras[ch("right kidney")].sum() == ras[ch("left kidney")].sum() == 5 * 6 * 4
-    assert ras[ch("right kidney"), 16:21].sum() == 0 and ras[ch("left kidney"), 3:8].sum() == 0
+    assert ras[ch("right kidney"), 3:8].sum() == 0 and ras[ch("left kidney"), 16:21].sum() == 0
 
     flipped, las_affine = las_copy(label, RAS)
     las = labels_to_channels(flipped, las_affine, site)
-    # in the LAS array the right kidney sits at HIGH axis-0 indices, yet it is the same anatomy
-    assert las[ch("right kidney"), 16:21].sum() == 5 * 6 * 4
+    # in the LAS array the right kidney sits at LOW axis-0 indices, yet it is the same anatomy
+    assert las[ch("right kidney"), 3:8].sum() == 5 * 6 * 4
     np.testing.assert_array_equal(las[:, ::-1], ras)
 
 
@@ -104,7 +104,7 @@ def test_total_segmentator_style_map_sets_its_own_channels():
     for value, name in zip(tseg, expected):
         assert out[ch(name), value].sum() == 9, name
         assert out[:, value].sum() == 9  # exactly one channel per voxel, no side splitting of lateral classes
-    # a stated side wins over the body-side rule: "right kidney" at high x stays right
+    # a stated side wins over the body-side rule: "right kidney" at low x (the left half) stays right
     assert out[ch("right kidney"), 2].sum() == 9
 
 
@@ -154,7 +154,7 @@ def _reference_channels(label, affine, site) -> np.ndarray:
         v = int(label[idx])
         if v == 0:
             continue
-        side = "right" if (affine @ np.array([*idx, 1.0]))[0] < centre_x else "left"
+        side = "right" if (affine @ np.array([*idx, 1.0]))[0] > centre_x else "left"
         names = VOCAB.expand(site.label_map[v])
         cls = names[0] if len(names) == 1 else next(n for n in names if VOCAB.side_of(n) == side)
         out[(ch(cls), *idx)] = 1

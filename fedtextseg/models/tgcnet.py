@@ -243,12 +243,25 @@ class CrossAttention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, n, -1))
 
 
+def _fourier_grid(b: int, h: int, w: int, like: Tensor, n_freq: int = 4) -> Tensor:
+    """[B, h*w, 4*n_freq] sin/cos features of the normalised (y, x) position of every pixel."""
+    ys, xs = torch.linspace(-1, 1, h, device=like.device), torch.linspace(-1, 1, w, device=like.device)
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 1, 2)
+    ang = grid * (math.pi * 2.0 ** torch.arange(n_freq, device=like.device)).view(1, -1, 1)
+    return torch.cat([ang.sin(), ang.cos()], -1).reshape(1, h * w, -1).expand(b, -1, -1).to(like.dtype)
+
+
 class Calibration(nn.Module):
-    """One vision-language calibration stage on a feature map; without text only the MLP remains."""
+    """One vision-language calibration stage on a feature map; without text only the MLP remains.
+
+    Pixels first get an absolute position code: reports locate findings ("upper left lung"), so matching a pixel
+    with the words naming its zone needs to know where the pixel is.
+    """
 
     def __init__(self, c: int, text_dim: int, heads: int, with_text: bool):
         super().__init__()
         self.with_text = with_text
+        self.pos = nn.Linear(16, c)
         if with_text:
             self.t_norm, self.t_img_norm = nn.LayerNorm(text_dim), nn.LayerNorm(c)
             self.text_reads_image = CrossAttention(text_dim, c, text_dim, heads)
@@ -260,6 +273,7 @@ class Calibration(nn.Module):
     def forward(self, x: Tensor, text: Tensor | None, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         b, c, h, w = x.shape
         t = x.flatten(2).transpose(1, 2)
+        t = t + self.pos(_fourier_grid(b, h, w, t))
         if self.with_text:
             text = text + self.text_reads_image(self.t_norm(text), self.t_img_norm(t))
             t = t + self.image_reads_text(self.x_norm(t), self.ctx_norm(text), mask)
@@ -389,7 +403,7 @@ class TGCNet(nn.Module):
             out.append(str(cap))
         return out
 
-    def _encode_text(self, texts: list[str], device) -> tuple[Tensor, Tensor, Tensor]:
+    def _encode_text(self, texts: list[str], device) -> tuple[Tensor, Tensor, int]:
         """(tokens [B, K, text_dim] before calibration, key mask [B, K], number of report tokens L)."""
         ids = self.tokenizer(texts).to(device)
         b, length = ids.shape

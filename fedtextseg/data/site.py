@@ -1,0 +1,318 @@
+"""A hospital's dataset as fedtextseg sees it: a folder of images + labels and a label map (``site.yaml``).
+
+Layouts understood by :func:`load_site`:
+
+* **site.yaml** (the native layout)::
+
+      name: hospital-b
+      task: lits                     # vocabulary task whose prompt conditions the model (TTPG)
+      vocabulary: abdomen-ct         # registered name or a YAML path (default abdomen-ct)
+      format: nifti                  # nifti (3D) | png-csv (2D chest X-ray, see data/xray.py)
+      images: images                 # folder of images (default "images")
+      labels: labels                 # folder of label maps (default "labels")
+      label_map: {1: liver, 2: liver tumor}   # label value -> vocabulary class or composite ("kidney")
+      annotated: [liver, liver tumor]        # optional; default = every class the label map names
+      privacy: {target_epsilon: 8.0, target_delta: 1.0e-5}   # optional per-site budget
+
+  Images and labels pair by file name (``case_001.nii.gz``); nnU-Net's ``case_001_0000.nii.gz`` image names pair
+  with ``case_001.nii.gz`` labels (names that merely end in 4 digits, ``case_0001``, stay as they are). Images
+  without a label are allowed for unlabeled/inference sites; a ``labels`` folder named in site.yaml must exist.
+
+* **Medical Segmentation Decathlon** (``dataset.json``, ``imagesTr/``, ``labelsTr/``): the label map comes from
+  ``dataset.json``'s ``labels`` (MSD's ``{"1": "liver"}`` or nnU-Net v2's ``{"liver": 1}``) resolved through the
+  vocabulary, or from a ``site.yaml`` beside it (needed where MSD's names are ambiguous, e.g. Task03_Liver's
+  "cancer"; the error says so). Without a ``task``, it is guessed from dataset.json's ``name`` ("LITS" -> lits,
+  "Liver" -> "msd liver" -> lits), else the vocabulary's "msd" task.
+
+Label value 0 is background. A label value mapped to a composite ("kidney") is split by body side into its
+lateral members when converted (see :func:`fedtextseg.data.labels.labels_to_channels`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from fedtextseg.errors import SiteError
+from fedtextseg.vocab import UnknownClassError, UnknownTaskError, Vocabulary, get_vocabulary
+
+__all__ = ["Case", "Site", "load_site", "SITE_FILE", "NIFTI_SUFFIXES"]
+
+SITE_FILE = "site.yaml"
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image (and its label, when labeled) of a site."""
+
+    case_id: str
+    image: Path
+    label: Path | None = None
+    caption: str | None = None  # 2D report-guided sites: the report sentence of this image
+
+
+@dataclass
+class Site:
+    """A partially labeled dataset: cases, label map, annotated classes, task, vocabulary."""
+
+    root: Path
+    name: str
+    task: str
+    vocabulary: Vocabulary
+    label_map: dict[int, str]  # value -> canonical class or composite name
+    annotated: list[str]  # canonical class names, vocabulary order
+    cases: list[Case]
+    format: str = "nifti"
+    privacy: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.vocabulary.spatial_dims
+
+    @property
+    def labeled_cases(self) -> list[Case]:
+        return [c for c in self.cases if c.label is not None]
+
+    @property
+    def task_index(self) -> int:
+        return self.vocabulary.task_index(self.task)
+
+    def annotated_mask(self) -> np.ndarray:
+        """Boolean [C]: which vocabulary channels this site's labels are authoritative for."""
+        names = set(self.annotated)
+        return np.array([c in names for c in self.vocabulary.class_names], dtype=bool)
+
+    def describe(self) -> str:
+        return (
+            f"site {self.name!r} ({self.format}, task {self.task}): {len(self.cases)} cases, "
+            f"{len(self.labeled_cases)} labeled; annotates {', '.join(self.annotated) or 'nothing'}"
+        )
+
+
+def _case_id(path: Path) -> str:
+    name = path.name
+    for suffix in (*NIFTI_SUFFIXES, ".png", ".jpg", ".jpeg"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+_NNUNET_CHANNEL = re.compile(r"^(?P<base>.+)_(?P<channel>\d{4})$")
+
+
+def _nnunet_base(case_id: str) -> str | None:
+    match = _NNUNET_CHANNEL.match(case_id)
+    return match.group("base") if match else None
+
+
+def _looks_like_unlabeled_nnunet(ids: list[str]) -> bool:
+    """Unlabeled folder in nnU-Net naming: every name ends in a 4-digit channel and each case has a ``_0000``.
+
+    ``case_0000 .. case_0010`` (one "case" with 11 channels?) is read as 11 cases: at least two cases are required.
+    """
+    bases = [_nnunet_base(c) for c in ids]
+    if not ids or any(b is None for b in bases):
+        return False
+    if all(c.endswith("_0000") for c in ids):
+        return True
+    groups = set(bases)
+    return len(groups) > 1 and all(f"{b}_0000" in ids for b in groups)
+
+
+def _pair_nifti(images_dir: Path, labels_dir: Path | None, labels_required: bool = False) -> list[Case]:
+    """Pair images with labels by case id.
+
+    A label named like the image pairs with it (``case_0001.nii.gz`` both sides). nnU-Net names
+    (image ``case_001_0000.nii.gz``, label ``case_001.nii.gz``) pair by the name without the channel suffix; in an
+    unlabeled folder the suffix is dropped only when every image carries it (see ``_looks_like_unlabeled_nnunet``),
+    so plain names that happen to end in 4 digits (``case_0001``) stay distinct cases.
+    """
+    if not images_dir.is_dir():
+        raise SiteError(images_dir, "image folder does not exist")
+    images = sorted(p for p in images_dir.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES) and p.is_file())
+    if not images:
+        raise SiteError(images_dir, "no NIfTI images (.nii/.nii.gz) found")
+    labels: dict[str, Path] = {}
+    if labels_dir is not None and labels_dir.is_dir():
+        for p in labels_dir.iterdir():
+            if p.name.lower().endswith(NIFTI_SUFFIXES) and p.is_file():
+                if _case_id(p) in labels:
+                    raise SiteError(p, f"two label files for case {_case_id(p)!r} ({labels[_case_id(p)].name})")
+                labels[_case_id(p)] = p
+    elif labels_required and labels_dir is not None:
+        raise SiteError(labels_dir, "label folder named in site.yaml does not exist")
+    ids = [_case_id(img) for img in images]
+    strip_unlabeled = not labels and _looks_like_unlabeled_nnunet(ids)
+    cases: list[Case] = []
+    owner: dict[str, Path] = {}
+    for img, cid in zip(images, ids):
+        base = _nnunet_base(cid)
+        if cid in labels:
+            case_id = cid
+        elif base is not None and (base in labels or strip_unlabeled):
+            case_id = base
+        else:
+            case_id = cid
+        if case_id in owner:
+            raise SiteError(
+                img,
+                f"more than one image for case {case_id!r} (also {owner[case_id].name}); "
+                "multi-channel input is not supported",
+            )
+        owner[case_id] = img
+        cases.append(Case(case_id=case_id, image=img, label=labels.get(case_id)))
+    orphans = sorted(set(labels) - set(owner))
+    if orphans:
+        raise SiteError(labels_dir, f"labels without an image: {', '.join(orphans[:5])}")
+    return cases
+
+
+def _resolve_label_map(raw: dict, vocab: Vocabulary, source: Path) -> dict[int, str]:
+    out: dict[int, str] = {}
+    problems = []
+    for key, name in (raw or {}).items():
+        try:
+            value = int(key)
+        except (TypeError, ValueError):
+            problems.append(f"label value {key!r} is not an integer")
+            continue
+        if value == 0:
+            if str(name).strip().lower() not in ("background", "bg", "none", "0"):
+                problems.append(f"label value 0 is background and cannot be mapped to {name!r}")
+            continue
+        if value < 0:
+            problems.append(f"label value {value} is negative")
+            continue
+        try:
+            out[value] = vocab.canonical(str(name))
+        except UnknownClassError as exc:
+            problems.append(f"label value {value}: {exc}")
+    if problems:
+        hint = ""
+        if source.name == "dataset.json":
+            hint = (
+                f" (to override dataset.json's names, add a {SITE_FILE} beside it with e.g. "
+                "label_map: {1: liver, 2: liver tumor})"
+            )
+        raise SiteError(source, "invalid label map: " + "; ".join(problems) + hint)
+    if not out:
+        raise SiteError(source, "label map declares no foreground class")
+    return out
+
+
+def _annotated_from(label_map: dict[int, str], raw: list | None, vocab: Vocabulary, source: Path) -> list[str]:
+    try:
+        if raw is None:
+            return vocab.resolve_many(label_map.values())
+        return vocab.resolve_many(raw)
+    except UnknownClassError as exc:
+        raise SiteError(source, f"annotated classes: {exc}") from None
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SiteError(path, f"cannot read site description: {exc}") from None
+    if not isinstance(data, dict):
+        raise SiteError(path, "site description must be a YAML mapping")
+    return data
+
+
+def _msd_task_guess(name: str, vocab: Vocabulary) -> str:
+    """The task of an MSD/nnU-Net dataset: its ``name`` ("LiTS"), else "msd <name>" ("MSD Liver"), else "msd"."""
+    for candidate in (name, f"msd {name}", "msd"):
+        if not str(candidate).strip():
+            continue
+        try:
+            return vocab.task(str(candidate)).name
+        except UnknownTaskError:
+            continue
+    return vocab.default_task or vocab.task_names[0]
+
+
+def _msd_labels(msd: dict) -> dict | None:
+    """dataset.json labels as value -> name: MSD writes {"1": "liver"}, nnU-Net v2 writes {"liver": 1}."""
+    labels = msd.get("labels")
+    if not isinstance(labels, dict):
+        return labels
+    if labels and all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
+        return {v: k for k, v in labels.items()}
+    return labels
+
+
+def load_site(path: str | Path, vocabulary: Vocabulary | str | None = None) -> Site:
+    """Read a site folder (``site.yaml`` and/or MSD ``dataset.json``) into a :class:`Site`."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise SiteError(root, "site folder does not exist")
+    spec_path = root / SITE_FILE
+    msd_path = root / "dataset.json"
+    spec = _load_yaml(spec_path) if spec_path.is_file() else {}
+    msd: dict = {}
+    if msd_path.is_file():
+        try:
+            msd = json.loads(msd_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SiteError(msd_path, f"cannot read dataset.json: {exc}") from None
+    if not spec and not msd:
+        raise SiteError(root, f"not a site: neither {SITE_FILE} nor dataset.json found")
+    source = spec_path if spec else msd_path
+    try:
+        vocab = get_vocabulary(vocabulary or spec.get("vocabulary"))
+    except Exception as exc:  # unknown vocabulary name or unreadable vocabulary file
+        raise SiteError(source, str(exc)) from None
+
+    fmt = str(spec.get("format", "nifti")).lower()
+    raw_map = spec.get("label_map")
+    if raw_map is None and msd:
+        raw_map = _msd_labels(msd)
+        source = msd_path
+    if raw_map is None:
+        raise SiteError(spec_path, "no label_map (and no dataset.json labels) declared")
+    label_map = _resolve_label_map(raw_map, vocab, source)
+    annotated = _annotated_from(label_map, spec.get("annotated"), vocab, spec_path if spec else msd_path)
+
+    task_name = spec.get("task") or (_msd_task_guess(msd.get("name", ""), vocab) if msd else vocab.default_task)
+    if task_name is None:
+        raise SiteError(source, "no task declared and the vocabulary has no default task")
+    try:
+        task = vocab.task(str(task_name)).name
+    except UnknownTaskError as exc:
+        raise SiteError(source, str(exc)) from None
+
+    if fmt == "nifti":
+        if msd and "images" not in spec:
+            cases = _pair_nifti(root / "imagesTr", root / "labelsTr")
+        else:
+            cases = _pair_nifti(
+                root / spec.get("images", "images"), root / spec.get("labels", "labels"), "labels" in spec
+            )
+    elif fmt in ("png-csv", "png", "xray"):
+        from fedtextseg.data.xray import read_xray_cases  # 2D report-guided layout
+
+        cases = read_xray_cases(root, spec)
+        fmt = "png-csv"
+    else:
+        raise SiteError(source, f"unknown site format {fmt!r} (expected 'nifti' or 'png-csv')")
+
+    return Site(
+        root=root,
+        name=str(spec.get("name") or msd.get("name") or root.name),
+        task=task,
+        vocabulary=vocab,
+        label_map=label_map,
+        annotated=annotated,
+        cases=cases,
+        format=fmt,
+        privacy=dict(spec.get("privacy") or {}),
+        meta={k: v for k, v in spec.items() if k not in {"label_map", "annotated", "privacy"}},
+    )
