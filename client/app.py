@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
@@ -24,13 +26,19 @@ from fedtextseg.federation.frozen import FrozenCache
 from fedtextseg.flower_adapter import (eval_reply_content, missing_frozen_error, receive_frozen, record_nbytes,
                                        record_to_arrays, record_to_config, site_reply_content)
 from fedtextseg.federation.frozen import MISSING_FROZEN
-from fedtextseg.params import merge_into
 from fedtextseg.runtime import SiteRunner, build_model
 from fedtextseg.sites import resolve_site_path
 from fedtextseg.config import compose_config
 
 app = ClientApp()
 log = logging.getLogger("fedtextseg.client")
+_lib_log = logging.getLogger("fedtextseg")
+if not _lib_log.handlers:  # per-step progress lines of local training reach the SuperNode's / simulation's log
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    _lib_log.addHandler(_handler)
+    _lib_log.setLevel(logging.INFO)
+    _lib_log.propagate = False
 
 # In simulation the same process serves many rounds: keep each site's runner (data cached in memory and on disk).
 _RUNNERS: dict[tuple, SiteRunner] = {}
@@ -56,18 +64,45 @@ def _runner(msg: Message, context: Context) -> tuple[SiteRunner, str]:
     if key not in _RUNNERS:
         model = build_model(cfg, frozen=bundle.arrays, meta=bundle.meta)
         _RUNNERS[key] = SiteRunner(cfg, site_path, model)
+        _load_local_state(context, _RUNNERS[key])
     runner = _RUNNERS[key]
-    arrays = record_to_arrays(msg.content.array_records["arrays"])
-    merge_into(runner.model, {k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
+    runner.load_global(record_to_arrays(msg.content.array_records["arrays"]))
     return runner, bundle.content_hash
 
 
-def _wire_arrays(runner: SiteRunner) -> dict:
-    groups = runner.model.param_groups()
+def _local_state_file(context: Context, runner: SiteRunner) -> Path | None:
+    """Where this site keeps its ``local`` arrays (never sent, e.g. ``local_norms``) between messages: in deployment
+    every message runs in a fresh ClientApp process, so they live on disk, per run name and site."""
+    if not runner.model.param_groups().local:
+        return None
+    root = Path(os.environ.get("FEDTEXTSEG_CACHE", Path.home() / ".cache" / "fedtextseg")).expanduser()
+    run = str(context.run_config.get("run-name") or f"run-{context.run_id}")
+    safe = [re.sub(r"[^\w.-]+", "_", name) for name in (run, runner.site.name)]
+    return root / "site-state" / safe[0] / f"{safe[1]}.npz"
+
+
+def _save_local_state(context: Context, runner: SiteRunner) -> None:
+    path = _local_state_file(context, runner)
+    if path is None:
+        return
     state = runner.model.state_dict()
-    names = list(groups.shared) + list(groups.per_class)
-    return {k: state[k].detach().cpu().float().numpy() if state[k].is_floating_point() else state[k].cpu().numpy()
-            for k in names}
+    arrays = {k: state[k].detach().cpu().numpy() for k in runner.model.param_groups().local}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, __run_id__=np.array(str(context.run_id)), **arrays)
+    os.replace(tmp, path)
+
+
+def _load_local_state(context: Context, runner: SiteRunner) -> None:
+    """Restore the saved local arrays: of this Flower run, or of the run being resumed (same run name)."""
+    path = _local_state_file(context, runner)
+    if path is None or not path.is_file():
+        return
+    with np.load(path) as saved:
+        if str(saved["__run_id__"]) != str(context.run_id) and not context.run_config.get("resume", False):
+            return  # an earlier run that reused the name: start fresh
+        arrays = {k: saved[k] for k in saved.files if k != "__run_id__"}
+    runner.load_global(arrays)  # merges any named arrays into the model
 
 
 def _error_reply(msg: Message, exc: Exception) -> Message:
@@ -87,8 +122,9 @@ def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     stats = runner.train_round(round_=int(conf["round"]), total_rounds=int(conf["total-rounds"]),
                                prox_mu=float(conf.get("prox-mu", 0.0)))
+    _save_local_state(context, runner)
     content = site_reply_content(
-        _wire_arrays(runner), runner.num_examples, runner.site.annotated_mask(),
+        runner.wire_arrays(), runner.num_examples, runner.site.annotated_mask(),
         {**stats.as_metrics(), "round_seconds": time.perf_counter() - start},
     )
     content["site"] = ConfigRecord({"name": runner.site.name, "task": runner.site.task})

@@ -71,6 +71,7 @@ class PartialLabelLoss(nn.Module):
         smooth: float = 1e-5,
         overlaps: torch.Tensor | None = None,
         exclusion_weight: float = 1.0,
+        batch_dice: bool = False,
     ):
         super().__init__()
         if mode not in ("masked", "marginal"):
@@ -82,6 +83,7 @@ class PartialLabelLoss(nn.Module):
         self.bce_weight = bce_weight
         self.smooth = smooth
         self.exclusion_weight = exclusion_weight
+        self.batch_dice = batch_dice
         self.register_buffer("overlaps", overlaps if overlaps is not None else torch.zeros(0, 0, dtype=torch.bool))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
@@ -91,13 +93,23 @@ class PartialLabelLoss(nn.Module):
         n_annotated = mask.sum().clamp_min(1.0)
 
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)  # [B, C]
+        # where() rather than multiplication: unannotated channels contribute exactly zero, even if non-finite
+        bce = torch.where(mask > 0, bce, torch.zeros_like(bce))
         prob = torch.sigmoid(logits)
         inter = (prob * target).sum(-1)
         denom = prob.sum(-1) + target.sum(-1)
-        dice = 1.0 - (2.0 * inter + self.smooth) / (denom + self.smooth)  # [B, C]
-        # where() rather than multiplication: unannotated channels contribute exactly zero, even if non-finite
-        per_channel = torch.where(mask > 0, self.bce_weight * bce + self.dice_weight * dice, torch.zeros_like(bce))
-        loss = per_channel.sum() / n_annotated
+        if self.batch_dice:
+            # one Dice per channel over the samples that annotate it (nnU-Net's batch Dice): small structures
+            # absent from most patches stop dominating the loss; samples are coupled, so not for DP-SGD
+            inter = torch.where(mask > 0, inter, torch.zeros_like(inter)).sum(0)
+            denom = torch.where(mask > 0, denom, torch.zeros_like(denom)).sum(0)
+            has = mask.sum(0) > 0
+            dice = torch.where(has, 1.0 - (2.0 * inter + self.smooth) / (denom + self.smooth), torch.zeros_like(inter))
+            loss = self.bce_weight * bce.sum() / n_annotated + self.dice_weight * dice.sum() / has.sum().clamp_min(1)
+        else:
+            dice = 1.0 - (2.0 * inter + self.smooth) / (denom + self.smooth)  # [B, C]
+            dice = torch.where(mask > 0, dice, torch.zeros_like(dice))
+            loss = (self.bce_weight * bce + self.dice_weight * dice).sum() / n_annotated
         if self.mode == "marginal":
             loss = loss + self.exclusion_weight * self._exclusion(logits, target, mask)
         return loss
@@ -137,9 +149,11 @@ class ConditionalDistillation(nn.Module):
         return (kd * weight).sum() / weight.sum()
 
 
-def build_loss(mode: str, vocab: Vocabulary, dice_weight: float = 1.0, bce_weight: float = 1.0) -> PartialLabelLoss:
+def build_loss(mode: str, vocab: Vocabulary, dice_weight: float = 1.0, bce_weight: float = 1.0,
+               batch_dice: bool = False) -> PartialLabelLoss:
     """The partial-label loss a config names (``masked`` | ``marginal``; ``distill`` uses masked + distillation)."""
     base = "masked" if mode in ("masked", "distill") else mode
     overlaps = overlap_matrix(vocab) if base == "marginal" else None
-    return PartialLabelLoss(base, dice_weight=dice_weight, bce_weight=bce_weight, overlaps=overlaps)
+    return PartialLabelLoss(base, dice_weight=dice_weight, bce_weight=bce_weight, overlaps=overlaps,
+                            batch_dice=batch_dice)
 

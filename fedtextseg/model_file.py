@@ -74,19 +74,23 @@ def read_model_info(path: str | Path) -> dict[str, Any]:
 
 
 def load_model_file(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the network from the file (no hub, no text encoder) and load its weights."""
+    """Rebuild the network from the file (no hub, no text encoder) and load its weights.
+
+    The frozen pretrained weights (DINOv2, CLIP) are in the file: the model is built with its "provided" switch
+    (``runtime.provided_weights``) so it never looks for them elsewhere.
+    """
     from fedtextseg.models import create_model
+    from fedtextseg.runtime import provided_weights
 
     info = read_model_info(path)
     state = info["state_dict"]
-    kwargs = dict(info.get("model_kwargs") or {})
-    dino = dict(kwargs.get("dino") or {})
-    dino["weights"] = "provided"
-    kwargs["dino"] = dino
-    model = create_model(
-        info["model_name"], class_embeddings=state["class_embeddings"], task_embeddings=state["task_embeddings"],
-        class_names=info["class_names"], task_names=info["task_names"], **kwargs,
-    )
+    kwargs = provided_weights(info["model_name"], dict(info.get("model_kwargs") or {}))
+    if "class_embeddings" in state:  # conditioned on the embedding bank (CDPDNet)
+        text = dict(class_embeddings=state["class_embeddings"], task_embeddings=state["task_embeddings"],
+                    class_names=info["class_names"], task_names=info["task_names"])
+    else:  # encodes its own text (TGC-Net): only the vocabulary
+        text = {} if "vocabulary" in kwargs else {"vocabulary": info.get("vocabulary")}
+    model = create_model(info["model_name"], **text, **kwargs)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise FedTextSegError(f"{path}: weights do not fit {info['model_name']}: missing {missing[:5]}, "

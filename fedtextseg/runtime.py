@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -34,6 +35,8 @@ from fedtextseg.vocab import get_vocabulary
 __all__ = [
     "prepare_bank",
     "build_model",
+    "uses_text_bank",
+    "provided_weights",
     "preprocess_config",
     "lr_for_round",
     "distill_weight_for_round",
@@ -59,6 +62,8 @@ def prepare_bank(cfg: DictConfig, log_fn=print) -> EmbeddingBank:
     """The text embedding bank the run uses: a prebuilt file (``text.bank``) or encoded now, offline-aware."""
     from fedtextseg.text import build_bank
 
+    if not uses_text_bank(cfg):  # TGC-Net: encodes each image's report itself; the bank only names the classes
+        return _names_only_bank(cfg)
     if cfg.text.get("bank"):
         return EmbeddingBank.load(cfg.text.bank)
     vocab = cfg.data.get("vocabulary", "abdomen-ct")
@@ -78,29 +83,72 @@ def build_model(cfg: DictConfig, bank: EmbeddingBank | None = None, *, frozen: M
     """The configured model, from a bank (server) or from a frozen bundle's arrays + meta (site).
 
     A site never loads pretrained weights itself: it builds the architecture with random frozen parts, then
-    takes the server's frozen arrays (DINOv2 weights and the text bank), so an air-gapped node needs no hub.
+    takes the server's frozen arrays (DINOv2 or CLIP weights, the text bank), so an air-gapped node needs no hub.
+    Models that encode their own text (``model.text_bank: false``, TGC-Net) get the data's vocabulary instead.
     """
     kwargs = dict(_plain(cfg.model.get("kwargs")) or {})
-    if bank is not None:
+    if not uses_text_bank(cfg):
+        if bank is None and (frozen is None or meta is None):
+            raise ConfigError("build_model needs an embedding bank (server) or the frozen arrays + meta (site)")
+        text = {} if "vocabulary" in kwargs else {"vocabulary": str(cfg.data.get("vocabulary") or "chest-xray")}
+        if frozen is not None:
+            kwargs = provided_weights(cfg.model.name, kwargs)  # filled in below from the server's arrays
+    elif bank is not None:
         text = dict(class_embeddings=bank.class_embeddings, task_embeddings=bank.task_embeddings,
                     class_names=bank.class_names, task_names=bank.task_names)
     elif frozen is not None and meta is not None:
-        text = dict(class_embeddings=torch.as_tensor(frozen["class_embeddings"]),
-                    task_embeddings=torch.as_tensor(frozen["task_embeddings"]),
+        text = dict(class_embeddings=torch.as_tensor(np.array(frozen["class_embeddings"], copy=True)),
+                    task_embeddings=torch.as_tensor(np.array(frozen["task_embeddings"], copy=True)),
                     class_names=list(meta["class_names"]), task_names=list(meta["task_names"]))
-        dino = dict(kwargs.get("dino") or {})
-        dino["weights"] = "provided"  # filled in below from the server's arrays
-        kwargs["dino"] = dino
+        kwargs = provided_weights(cfg.model.name, kwargs)  # filled in below from the server's arrays
     else:
         raise ConfigError("build_model needs an embedding bank (server) or the frozen arrays + meta (site)")
     model = create_model(cfg.model.name, **text, **kwargs)
     if frozen is not None:
         from fedtextseg.params import merge_into
 
-        merge_into(model, {k: torch.as_tensor(v) for k, v in frozen.items()})
+        merge_into(model, {k: torch.as_tensor(np.array(v, copy=True)) for k, v in frozen.items()})
         if meta is not None and "dino" in meta:
             model.provenance["dino"] = dict(meta["dino"])
+        if meta is not None and meta.get("clip"):  # where the server's CLIP weights came from
+            model.provenance.update(dict(meta["clip"]))
     return model
+
+
+def uses_text_bank(cfg: DictConfig) -> bool:
+    """Whether the model is conditioned on the embedding bank (CDPDNet) rather than encoding its own text (TGC-Net:
+    each image's report, with its own CLIP text tower); set by ``text_bank`` in the model config."""
+    return bool(cfg.model.get("text_bank", True))
+
+
+def provided_weights(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` plus the switch that makes model ``name`` skip loading its pretrained frozen weights, because the
+    caller loads them (a site from the server's frozen bundle, ``load_model_file`` from the file): DINOv2's
+    ``dino.weights="provided"`` (CDPDNet), CLIP's ``pretrained="provided"`` (TGC-Net)."""
+    from fedtextseg.models import model_config
+
+    out, registered = dict(kwargs), model_config(name)
+    if "dino" in registered:
+        out["dino"] = {**dict(out.get("dino") or {}), "weights": "provided"}
+    if "clip_model" in registered:
+        out["pretrained"] = "provided"
+    return out
+
+
+def _names_only_bank(cfg: DictConfig) -> EmbeddingBank:
+    """A bank that only names the vocabulary's classes and tasks (one-hot rows), for models that encode their own
+    text: the coordinator still needs the class list (per-class aggregation, tables) and records where text came
+    from."""
+    vocab = get_vocabulary(cfg.data.get("vocabulary"))
+    eye = torch.eye(vocab.num_classes + len(vocab.task_names))
+    return EmbeddingBank(
+        class_names=vocab.class_names, class_embeddings=eye[: vocab.num_classes], task_names=vocab.task_names,
+        task_embeddings=eye[vocab.num_classes:], class_template=vocab.class_template,
+        task_template=vocab.task_template, vocabulary=vocab.name, vocabulary_hash=vocab.content_hash,
+        encoder={"kind": "none", "model": str(cfg.model.name),
+                 "note": "one-hot names only: the model encodes each image's report with its own text tower"},
+        vocabulary_spec=vocab.to_dict(),
+    )
 
 
 def preprocess_config(cfg: DictConfig, model: nn.Module | None = None) -> PreprocessConfig:
@@ -137,7 +185,11 @@ def distill_weight_for_round(cfg: DictConfig, round_: int, total_rounds: int) ->
 
 # ----------------------------------------------------------------------------- site side
 class SiteRunner:
-    """One site's data (cached once) and model: ``train_round`` and ``evaluate`` for any entry point."""
+    """One site's data (cached once) and model: ``train_round`` and ``evaluate`` for any entry point.
+
+    3D NIfTI sites get cached patch datasets (``build_site_data``); 2D ``png-csv`` sites (chest X-rays with
+    reports, TGC-Net) get resized image datasets (``build_xray_site_data``) and are evaluated in one window.
+    """
 
     def __init__(self, cfg: DictConfig, site: Site | str | Path, model: nn.Module, *, device: str | None = None,
                  cache_dir: str | Path | None | bool = None):
@@ -146,21 +198,30 @@ class SiteRunner:
         self.device = engine.resolve_device(device or cfg.run.device)
         self.model = model
         self._check_vocabulary()
-        self.pre = preprocess_config(cfg, model)
-        feature_fn = feature_key = None
-        if _uses_feature_cache(cfg, model):
-            from fedtextseg.models import volume_feature_fn
+        if self.site.format == "png-csv":  # 2D report-guided site (TGC-Net): see fedtextseg.data.xray_data
+            from fedtextseg.data.xray_data import build_xray_site_data, image_size_for
 
-            feature_fn = volume_feature_fn(model, self.pre.tile)
-            feature_key = f"{model.dino.signature()}-{'x'.join(map(str, self.pre.tile))}"
-        if cache_dir is None and cfg.data.get("cache_dir"):
-            cache_dir = cfg.data.cache_dir
-        self.data: SiteData = build_site_data(
-            self.site, self.pre, cache_dir=cache_dir, val_fraction=float(cfg.data.val_fraction),
-            seed=int(cfg.run.seed), feature_fn=feature_fn, feature_key=feature_key,
-        )
+            size = image_size_for(cfg, model)
+            self.pre, self.roi_size = None, (size, size)  # evaluation: one window = the whole resized image
+            self.data = build_xray_site_data(self.site, size, val_fraction=float(cfg.data.val_fraction),
+                                             seed=int(cfg.run.seed))
+        else:
+            self.pre = preprocess_config(cfg, model)
+            self.roi_size = tuple(self.pre.patch_size)
+            feature_fn = feature_key = None
+            if _uses_feature_cache(cfg, model):
+                from fedtextseg.models import volume_feature_fn
+
+                feature_fn = volume_feature_fn(model, self.pre.tile)
+                feature_key = f"{model.dino.signature()}-{'x'.join(map(str, self.pre.tile))}"
+            if cache_dir is None and cfg.data.get("cache_dir"):
+                cache_dir = cfg.data.cache_dir
+            self.data: SiteData = build_site_data(
+                self.site, self.pre, cache_dir=cache_dir, val_fraction=float(cfg.data.val_fraction),
+                seed=int(cfg.run.seed), feature_fn=feature_fn, feature_key=feature_key,
+            )
         vocab = self.site.vocabulary
-        self.loss_fn = build_loss(cfg.train.loss, vocab)
+        self.loss_fn = build_loss(cfg.train.loss, vocab, batch_dice=bool(cfg.train.get("batch_dice", False)))
         self.distill_fn = ConditionalDistillation(float(cfg.train.distill_temperature))
         # largest-connected-component clean-up: organs only (tumors are often multifocal)
         self.keep_largest = [i for i, c in enumerate(vocab.classes) if c.parent is None] if cfg.eval.keep_largest else []
@@ -174,6 +235,18 @@ class SiteRunner:
                 f"({self.site.vocabulary.num_classes} classes) but the model's head has {len(names)} classes "
                 "from another vocabulary; encode the bank with the site's vocabulary"
             )
+
+    def load_global(self, arrays: Mapping[str, Any]) -> None:
+        """Take the round's global shared + per-class arrays (numpy or tensors) into the local model."""
+        from fedtextseg.params import merge_into
+
+        merge_into(self.model, {k: torch.as_tensor(np.array(v, copy=True)) for k, v in arrays.items()})
+
+    def wire_arrays(self) -> dict[str, np.ndarray]:
+        """What this site sends back: its shared + per-class arrays (never frozen or local ones)."""
+        groups = self.model.param_groups()
+        state = self.model.state_dict()
+        return {k: state[k].detach().cpu().numpy().copy() for k in [*groups.shared, *groups.per_class]}
 
     @property
     def num_examples(self) -> int:
@@ -215,7 +288,7 @@ class SiteRunner:
         limit = max_cases if max_cases is not None else self.cfg.eval.get("max_cases")
         items = (ds[i] for i in range(len(ds) if limit is None else min(len(ds), int(limit))))
         return engine.evaluate(
-            self.model, items, self.site.vocabulary.class_names, roi_size=tuple(self.pre.patch_size),
+            self.model, items, self.site.vocabulary.class_names, roi_size=self.roi_size,
             overlap=float(self.cfg.eval.overlap), threshold=float(self.cfg.eval.threshold),
             keep_largest=self.keep_largest, device=self.device, precision=self.cfg.run.precision,
             with_hd95=bool(self.cfg.eval.hd95), task_override=task_override,
@@ -223,6 +296,10 @@ class SiteRunner:
 
     def all_cases_dataset(self):
         """Every labeled case as a validation item (for evaluating on a held-out hospital)."""
+        if self.pre is None:  # 2D site
+            from fedtextseg.data.xray_data import xray_case_dataset
+
+            return xray_case_dataset(self.site, self.roi_size[0])
         from fedtextseg.data.dataset import SiteDataset, case_items
         from fedtextseg.data.transforms import val_transform
 

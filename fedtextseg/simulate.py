@@ -98,6 +98,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning on CPU-only runs
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=project, env=env)

@@ -61,10 +61,20 @@ def unseen_site(cfg: DictConfig) -> Path | None:
 
 
 def ensure_data(cfg: DictConfig, log_fn=print) -> list[Path]:
-    """Generate the synthetic hospitals if the config asks for them and they are absent; return the sites."""
+    """Generate the synthetic hospitals if the config asks for them and they are absent; return the sites.
+
+    ``data.kind`` picks the generator: ``synthetic`` (default, 3D CT), ``xray`` (2D chest X-rays) or ``qata`` (the
+    non-IID split of the real QaTa-COV19 training set, with its valid split as the unseen hospital)."""
     root = data_root(cfg)
     gen = cfg.data.get("generate")
-    if gen and not (root / "federation.yaml").is_file():
+    kind = str(cfg.data.get("kind") or "synthetic")
+    if gen and kind in ("xray", "qata") and not (root / "federation.yaml").is_file():
+        from fedtextseg.config import configs_dir  # 2D chest X-rays: synthetic hospitals or the QaTa-COV19 split
+        from fedtextseg.data.synthetic_xray import prepare_xray_federation
+
+        prepare_xray_federation(kind, root, gen, unseen=cfg.data.get("unseen"), log_fn=log_fn,
+                                project_root=configs_dir().parent)
+    elif gen and not (root / "federation.yaml").is_file():
         from fedtextseg.data.synthetic import generate_hospitals
 
         log_fn(f"generating synthetic hospitals in {root} ({gen.sites} sites x {gen.cases_per_site} cases, "

@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedtextseg.config import compose_config
+from fedtextseg.errors import ConfigError
 from fedtextseg.federation.coordinator import Coordinator
 from fedtextseg.flower_adapter import (arrays_to_record, attach_frozen, config_to_record, content_to_site_update,
                                        eval_reply_summary, is_missing_frozen, record_nbytes)
@@ -57,12 +58,16 @@ def main(grid: Grid, context: Context) -> None:
         cfg.data.root = str(rc["data-root"])
     if rc.get("results-dir"):
         cfg.run.results_dir = str(rc["results-dir"])
-    sites = ensure_data(cfg)
+    try:
+        wanted = min(len(ensure_data(cfg)), int(cfg.federation.get("min_sites", 1)))
+    except ConfigError as exc:  # deployment: the images stay at the sites, each SuperNode names its own site-path
+        wanted = int(cfg.federation.get("min_sites", 1))
+        print(f"no site list on the server ({exc}); waiting for federation.min_sites={wanted} SuperNodes")
     name = str(rc.get("run-name") or cfg.run.name or f"{cfg.run.experiment}-{datetime.now():%Y%m%d-%H%M%S}")
     run_dir = Path(cfg.run.results_dir).expanduser().resolve() / name
     coord = Coordinator(cfg, run_dir, resume=bool(rc.get("resume", False)))
     timeout = float(cfg.federation.get("round_timeout", 3600))
-    _wait_for_nodes(grid, min(len(sites), int(cfg.federation.get("min_sites", 1))))
+    _wait_for_nodes(grid, wanted)
     unseen = unseen_site(cfg) if cfg.federation.get("evaluate_unseen", True) else None
 
     for round_ in range(coord.start_round, coord.total_rounds + 1):

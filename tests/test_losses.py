@@ -88,3 +88,19 @@ def test_distillation_only_on_unannotated_channels_off_local_foreground():
     fg = target[0, 0] > 0
     assert g[1][fg].eq(0).all() and g[2][fg].eq(0).all()
     assert g[1][~fg].abs().sum() > 0
+
+
+def test_batch_dice_keeps_zero_gradient_for_unannotated_and_couples_annotated_samples():
+    logits, target = _batch(b=3, c=4)
+    annotated = torch.tensor([[1, 0, 0, 1], [1, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    loss = PartialLabelLoss("masked", batch_dice=True)
+    loss(logits, target, annotated).backward()
+    g = logits.grad
+    for b in range(3):
+        for c in range(4):
+            assert (g[b, c].abs().sum() > 0) == bool(annotated[b, c]), (b, c)
+    # channel 0's Dice pools samples 0 and 1: it is not the mean of the two per-sample Dice losses
+    per_sample = PartialLabelLoss("masked", batch_dice=False, bce_weight=0.0)
+    pooled = PartialLabelLoss("masked", batch_dice=True, bce_weight=0.0)
+    one = torch.tensor([[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    assert not torch.allclose(per_sample(logits.detach(), target, one), pooled(logits.detach(), target, one))

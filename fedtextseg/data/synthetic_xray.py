@@ -9,6 +9,11 @@ in neither. An image-only model cannot tell them apart; a report-guided one can.
 
 :func:`split_qata` cuts the real QaTa-COV19 training CSV into simulated hospitals, non-IID by infection extent,
 writing only ``site.yaml`` + ``train.csv`` per site; the CSVs reference the original (read-only) images.
+:func:`qata_eval_site` makes a held-out site of the ``valid`` split the same way.
+
+:func:`prepare_xray_federation` is what ``fedtextseg.sites.ensure_data`` calls for a data config with
+``kind: xray`` (synthetic hospitals) or ``kind: qata`` (the real split): it writes the sites and the
+``federation.yaml`` that lists them, so a run needs no manual preparation.
 
 Orientation: frontal image, patient's right lung on the image's left (radiological convention).
 """
@@ -35,6 +40,9 @@ __all__ = [
     "parse_qata_caption",
     "generate_xray_hospitals",
     "split_qata",
+    "qata_eval_site",
+    "write_federation_file",
+    "prepare_xray_federation",
 ]
 
 ZONES = ("upper", "middle", "lower")
@@ -298,3 +306,71 @@ def split_qata(
         (folder / "site.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         folders.append(folder)
     return folders
+
+
+def qata_eval_site(qata_root: str | Path, out_dir: str | Path, split: str = "valid", name: str | None = None) -> Path:
+    """A site folder (``site.yaml`` only) over QaTa-COV19's ``{split}.csv``: the held-out evaluation hospital."""
+    qata_root = Path(qata_root).expanduser().resolve()
+    src = qata_root / f"{split}.csv"
+    if not src.is_file():
+        raise SiteError(src, "QaTa-COV19 CSV not found")
+    name = name or f"qata-{split}"
+    folder = Path(out_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {"name": name, "format": "png-csv", "vocabulary": "chest-xray", "task": "qata-cov19",
+            "label_map": {255: "lung infection"}, "csv": str(src), "root": str(qata_root / split),
+            "source": f"QaTa-COV19 {split} split (held out from training)"}
+    (folder / "site.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return folder
+
+
+def write_federation_file(out_dir: str | Path, sites: list[Path], unseen: Path | None = None, **info) -> Path:
+    """``<out_dir>/federation.yaml`` listing the training ``sites`` (in partition order) and the ``unseen`` one."""
+    out = Path(out_dir)
+
+    def entry(p: Path) -> dict:
+        return {"name": p.name, "path": str(Path(p).relative_to(out)) if Path(p).is_relative_to(out) else str(p)}
+
+    fed = {"name": info.pop("name", out.name), **info, "vocabulary": "chest-xray",
+           "sites": [entry(Path(p)) for p in sites], "unseen": entry(Path(unseen)) if unseen else None}
+    path = out / "federation.yaml"
+    path.write_text(yaml.safe_dump(fed, sort_keys=False))
+    return path
+
+
+def prepare_xray_federation(kind: str, root: str | Path, gen, *, unseen: str | None = None, log_fn=print,
+                            project_root: str | Path | None = None) -> list[Path]:
+    """Write a 2D federation under ``root`` from a data config's ``generate`` block; returns the training sites.
+
+    ``kind="xray"``: synthetic hospitals (``sites``, ``images_per_site``, ``size``, ``seed``, ``test_images``; the
+    IID ``test`` site is the unseen one). ``kind="qata"``: :func:`split_qata` of ``<source>/train`` into ``sites``
+    hospitals (``by``, ``mix``, ``seed``) plus :func:`qata_eval_site` of ``<source>/<eval_split>`` named ``unseen``.
+    A relative ``source`` is taken from ``project_root`` (the folder holding ``configs/``).
+    """
+    root = Path(root).expanduser()
+    get = (lambda k, d=None: gen.get(k, d)) if hasattr(gen, "get") else (lambda k, d=None: d)
+    if kind == "xray":
+        n, per, size, seed = int(get("sites", 3)), int(get("images_per_site", 40)), int(get("size", 128)), int(get("seed", 0))
+        test = int(get("test_images", 0) or 0) if unseen else 0
+        log_fn(f"generating synthetic chest X-ray hospitals in {root} ({n} sites x {per} images, {size}x{size}, "
+               f"seed {seed}{f', unseen test site of {test} images' if test else ''}) ...")
+        sites = generate_xray_hospitals(root, sites=n, images_per_site=per, size=size, seed=seed, test_images=test)
+        held_out = root / "test" if test else None
+        write_federation_file(root, sites, held_out, name="synthetic-chest-xray", generator=__name__, seed=seed,
+                              size=size, images_per_site=per)
+        return sites
+    if kind == "qata":
+        source = Path(str(get("source", "../shared/data/qata-cov19"))).expanduser()
+        if not source.is_absolute():
+            source = Path(project_root or Path.cwd()) / source
+        if not (source / "train.csv").is_file():
+            raise SiteError(source, "QaTa-COV19 not found (expected train.csv, train/, valid.csv, valid/); set "
+                                    "data.generate.source or FEDTEXTSEG_QATA to the dataset folder")
+        n, by, seed = int(get("sites", 3)), str(get("by", "extent")), int(get("seed", 0))
+        log_fn(f"splitting QaTa-COV19 {source}/train into {n} hospitals (non-IID by {by}) under {root} ...")
+        sites = split_qata(source, root, n_sites=n, by=by, mix=float(get("mix", 0.15)), seed=seed)
+        held_out = qata_eval_site(source, root, str(get("eval_split", "valid")), name=unseen) if unseen else None
+        write_federation_file(root, sites, held_out, name="qata-cov19", source=str(source.resolve()), by=by,
+                              seed=seed)
+        return sites
+    raise ValueError(f"unknown 2D data kind {kind!r} (expected 'xray' or 'qata')")

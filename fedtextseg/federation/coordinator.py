@@ -59,7 +59,9 @@ class Coordinator:
             {k: state[k].detach().cpu().numpy() for k in self.groups.frozen_common},
             meta={"class_names": list(self.bank.class_names), "task_names": list(self.bank.task_names),
                   "model": cfg.model.name, "bank": self.bank.provenance(),
-                  "dino": dict(self.model.provenance.get("dino", {}))},
+                  "dino": dict(self.model.provenance.get("dino", {})),
+                  "clip": {k: v for k, v in self.model.provenance.items()  # TGC-Net: origin of the CLIP weights
+                           if k in ("clip_model", "clip_weights", "pretrained")}},
         )
         self.distributor = FrozenDistributor(self.frozen)
         self.server_opt = make_server_optimizer(cfg.federation.rule, **dict(cfg.federation.get("server_opt") or {}))

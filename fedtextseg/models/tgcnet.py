@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -35,16 +34,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedtextseg.errors import ConfigError
+from fedtextseg.models.clip_towers import (CLIP_MEAN, CLIP_STD, PROVIDED, TINY_CLIP, ClipTowers, PlainAttention,
+                                           build_clip)
 from fedtextseg.models.registry import config_from_dict, merge_config, model_config, register_model
+from fedtextseg.models.tgcnet_blocks import (Calibration, Fuse, ResStage, TextIn, Up, VitAdapter,
+                                             conv_gn)
 from fedtextseg.params import ParamGroups, build_param_groups
 from fedtextseg.vocab import get_vocabulary
 
-__all__ = ["TGCNetConfig", "TGCNet", "PlainAttention", "build_clip", "TINY_CLIP", "TGCNET_CONFIGS"]
+__all__ = ["TGCNetConfig", "TGCNet", "PlainAttention", "build_clip", "TINY_CLIP", "TGCNET_CONFIGS", "PROVIDED"]
 
 log = logging.getLogger(__name__)
-_MEAN, _STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP preprocessing
-TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-             "text_cfg": {"context_length": 40, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
 
 
 @dataclass
@@ -55,7 +55,7 @@ class TGCNetConfig:
     image_size: int = 224
     clip_model: str | None = "ViT-B-16"  # open_clip name; None -> build from clip_cfg
     clip_cfg: dict | None = None  # custom open_clip config (embed_dim, vision_cfg, text_cfg), random init
-    pretrained: str | None = "openai"  # tag (hub cache only), checkpoint path, or None
+    pretrained: str | None = "openai"  # tag (hub cache only), checkpoint path, None, or "provided" (caller loads)
     vit_layers: tuple = (3, 7, 11)  # ViT blocks feeding strides 4, 8, 16
     cnn_widths: tuple = (32, 64, 128, 256)  # CNN stages at strides 2, 4, 8, 16
     stem_width: int = 32  # full-resolution stem (last skip)
@@ -82,228 +82,6 @@ class TGCNetConfig:
             raise ConfigError("tgcnet: vit_layers needs 3 block indices and cnn_widths 4 widths")
         if self.clip_model is None and not self.clip_cfg:
             raise ConfigError("tgcnet: give clip_model (an open_clip name) or clip_cfg (a custom config)")
-
-
-# ----------------------------------------------------------------------------- CLIP towers
-class PlainAttention(nn.Module):
-    """Drop-in for open_clip's ``nn.MultiheadAttention`` (batch-first) with separate q/k/v/out ``nn.Linear``."""
-
-    def __init__(self, mha: nn.MultiheadAttention):
-        super().__init__()
-        d, self.heads = mha.embed_dim, mha.num_heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
-        with torch.no_grad():
-            for i, lin in enumerate((self.q_proj, self.k_proj, self.v_proj)):
-                lin.weight.copy_(mha.in_proj_weight[i * d : (i + 1) * d])
-                lin.bias.copy_(mha.in_proj_bias[i * d : (i + 1) * d])
-            self.out_proj.load_state_dict(mha.out_proj.state_dict())
-
-    def forward(self, q_x, k_x=None, v_x=None, need_weights=False, attn_mask=None):
-        k_x = q_x if k_x is None else k_x
-        v_x = q_x if v_x is None else v_x
-        b, n, d = q_x.shape
-        split = lambda t: t.view(b, t.shape[1], self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.q_proj(q_x)), split(self.k_proj(k_x)), split(self.v_proj(v_x))
-        mask = attn_mask.to(q.dtype) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), None
-
-
-class TextTower(nn.Module):
-    """The parts of open_clip's text transformer that produce token features (no projection head)."""
-
-    def __init__(self, clip: nn.Module):
-        super().__init__()
-        self.token_embedding, self.positional_embedding = clip.token_embedding, clip.positional_embedding
-        self.transformer, self.ln_final = clip.transformer, clip.ln_final
-        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
-        return self.ln_final(self.transformer(x, attn_mask=self.attn_mask[: ids.shape[1], : ids.shape[1]]))
-
-
-class ClipTowers(nn.Module):
-    """The CLIP parts TGC-Net uses: the ViT (up to its last used block) and, with text, the text tower."""
-
-    def __init__(self, clip: nn.Module, last_block: int, with_text: bool):
-        super().__init__()
-        v = clip.visual
-        self.visual = nn.Module()
-        self.visual.conv1, self.visual.ln_pre = v.conv1, v.ln_pre
-        self.visual.class_embedding, self.visual.positional_embedding = v.class_embedding, v.positional_embedding
-        self.visual.blocks = nn.ModuleList(v.transformer.resblocks[: last_block + 1])
-        self.text = TextTower(clip) if with_text else None
-        for blk in list(self.modules()):
-            if isinstance(getattr(blk, "attn", None), nn.MultiheadAttention):
-                blk.attn = PlainAttention(blk.attn)
-
-
-def build_clip(cfg: TGCNetConfig) -> tuple[nn.Module, dict]:
-    """An open_clip CLIP model per ``cfg`` and where its weights came from; never downloads.
-
-    Missing pretrained weights -> random init with a loud warning, recorded in the provenance.
-    """
-    import open_clip
-
-    prov: dict[str, Any] = {"clip_model": cfg.clip_model or "custom", "library": f"open_clip {open_clip.__version__}"}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # a random-init CLIP is identical in every process (and at every site)
-        if cfg.clip_model is None:
-            c = cfg.clip_cfg
-            vision = dict(c["vision_cfg"], image_size=cfg.image_size)
-            clip = open_clip.model.CLIP(c["embed_dim"], vision, dict(c["text_cfg"]))
-            prov.update(clip_weights="random-init", reason="custom config (tests / small models)")
-            return clip, prov
-        from fedtextseg.models.dinov2 import PretrainedWeightsWarning
-        from fedtextseg.text.encoders import EncoderWeightsUnavailable, resolve_clip_weights
-
-        weights = {"path": None, "quick_gelu": False}
-        if cfg.pretrained is not None:
-            try:
-                weights = resolve_clip_weights(cfg.clip_model, cfg.pretrained)
-            except EncoderWeightsUnavailable as exc:
-                msg = (f"TGC-Net: CLIP {cfg.clip_model} weights {cfg.pretrained!r} not found ({exc.missing}); "
-                       "USING RANDOM-INIT CLIP: results will not reflect a pretrained model")
-                warnings.warn(msg, PretrainedWeightsWarning, stacklevel=3)
-                log.warning(msg)
-                prov["reason"] = exc.missing
-        clip = open_clip.create_model(cfg.clip_model, pretrained=weights["path"], force_image_size=cfg.image_size,
-                                      force_quick_gelu=weights["quick_gelu"], pretrained_text=False)
-    prov["clip_weights"] = weights["path"] or "random-init"
-    prov["pretrained"] = cfg.pretrained if weights["path"] else None
-    return clip, prov
-
-
-# ----------------------------------------------------------------------------- 2D blocks
-def _gn(c: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(c, groups), c)
-
-
-def _conv(cin: int, cout: int, g: int, stride: int = 1, k: int = 3) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), _gn(cout, g), nn.GELU())
-
-
-class ResStage(nn.Module):
-    """Strided conv, then a residual 3x3 conv pair (GroupNorm, GELU)."""
-
-    def __init__(self, cin: int, cout: int, g: int, stride: int = 2):
-        super().__init__()
-        self.down = _conv(cin, cout, g, stride)
-        self.body = nn.Sequential(_conv(cout, cout, g), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), _gn(cout, g))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.down(x)
-        return F.gelu(x + self.body(x))
-
-
-class VitAdapter(nn.Module):
-    """ViT tokens [B, N, W] on a stride-``patch`` grid -> feature map [B, C, ...] at stride ``stride``."""
-
-    def __init__(self, width: int, cout: int, patch: int, stride: int, g: int):
-        super().__init__()
-        self.norm, self.proj = nn.LayerNorm(width), nn.Linear(width, cout)
-        ups = []
-        for _ in range(int(round(math.log2(patch / stride)))):
-            ups += [nn.ConvTranspose2d(cout, cout, 2, 2), _gn(cout, g), nn.GELU()]
-        self.up = nn.Sequential(*ups)
-
-    def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
-        x = self.proj(self.norm(tokens)).transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
-        return self.up(x)
-
-
-class Fuse(nn.Module):
-    """CNN + ViT features -> CNN stream (concat, 1x1 conv, residual 3x3 conv)."""
-
-    def __init__(self, c: int, g: int):
-        super().__init__()
-        self.mix, self.refine = _conv(2 * c, c, g, k=1), _conv(c, c, g)
-
-    def forward(self, cnn: Tensor, vit: Tensor) -> Tensor:
-        vit = vit if vit.shape[-2:] == cnn.shape[-2:] else F.interpolate(vit, cnn.shape[-2:], mode="bilinear")
-        x = cnn + self.mix(torch.cat([cnn, vit], 1))
-        return x + self.refine(x)
-
-
-class CrossAttention(nn.Module):
-    """Multi-head cross-attention with ``nn.Linear`` projections and a boolean key mask [B, K]."""
-
-    def __init__(self, q_dim: int, kv_dim: int, dim: int, heads: int):
-        super().__init__()
-        self.heads = max(1, min(heads, dim // 8))
-        self.q, self.k, self.v, self.o = (nn.Linear(q_dim, dim), nn.Linear(kv_dim, dim), nn.Linear(kv_dim, dim),
-                                          nn.Linear(dim, q_dim))
-
-    def forward(self, x: Tensor, ctx: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        b, n, _ = x.shape
-        split = lambda t: t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
-        mask = key_mask[:, None, None, :] if key_mask is not None else None
-        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(ctx)), split(self.v(ctx)), attn_mask=mask)
-        return self.o(out.transpose(1, 2).reshape(b, n, -1))
-
-
-def _fourier_grid(b: int, h: int, w: int, like: Tensor, n_freq: int = 4) -> Tensor:
-    """[B, h*w, 4*n_freq] sin/cos features of the normalised (y, x) position of every pixel."""
-    ys, xs = torch.linspace(-1, 1, h, device=like.device), torch.linspace(-1, 1, w, device=like.device)
-    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 1, 2)
-    ang = grid * (math.pi * 2.0 ** torch.arange(n_freq, device=like.device)).view(1, -1, 1)
-    return torch.cat([ang.sin(), ang.cos()], -1).reshape(1, h * w, -1).expand(b, -1, -1).to(like.dtype)
-
-
-class Calibration(nn.Module):
-    """One vision-language calibration stage on a feature map; without text only the MLP remains.
-
-    Pixels first get an absolute position code: reports locate findings ("upper left lung"), so matching a pixel
-    with the words naming its zone needs to know where the pixel is.
-    """
-
-    def __init__(self, c: int, text_dim: int, heads: int, with_text: bool):
-        super().__init__()
-        self.with_text = with_text
-        self.pos = nn.Linear(16, c)
-        if with_text:
-            self.t_norm, self.t_img_norm = nn.LayerNorm(text_dim), nn.LayerNorm(c)
-            self.text_reads_image = CrossAttention(text_dim, c, text_dim, heads)
-            self.x_norm, self.ctx_norm = nn.LayerNorm(c), nn.LayerNorm(text_dim)
-            self.image_reads_text = CrossAttention(c, text_dim, c, heads)
-        self.mlp_norm = nn.LayerNorm(c)
-        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
-
-    def forward(self, x: Tensor, text: Tensor | None, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        b, c, h, w = x.shape
-        t = x.flatten(2).transpose(1, 2)
-        t = t + self.pos(_fourier_grid(b, h, w, t))
-        if self.with_text:
-            text = text + self.text_reads_image(self.t_norm(text), self.t_img_norm(t))
-            t = t + self.image_reads_text(self.x_norm(t), self.ctx_norm(text), mask)
-        t = t + self.mlp(self.mlp_norm(t))
-        return t.transpose(1, 2).reshape(b, c, h, w), text
-
-
-class TextIn(nn.Module):
-    """CLIP text token features -> ``text_dim`` plus a segment embedding (0: report, 1: glossary knowledge)."""
-
-    def __init__(self, width: int, dim: int):
-        super().__init__()
-        self.norm, self.proj, self.segment = nn.LayerNorm(width), nn.Linear(width, dim), nn.Embedding(2, dim)
-
-    def forward(self, tokens: Tensor, segment: int) -> Tensor:
-        seg = torch.full(tokens.shape[:2], segment, dtype=torch.long, device=tokens.device)
-        return self.proj(self.norm(tokens)) + self.segment(seg)
-
-
-class Up(nn.Module):
-    """Bilinear x2, 1x1 conv to the skip width, concat the skip, two 3x3 convs."""
-
-    def __init__(self, cin: int, cskip: int, g: int):
-        super().__init__()
-        self.reduce, self.body = _conv(cin, cskip, g, k=1), nn.Sequential(_conv(2 * cskip, cskip, g),
-                                                                          _conv(cskip, cskip, g))
-
-    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        x = self.reduce(F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False))
-        return self.body(torch.cat([x, skip], 1))
 
 
 # ----------------------------------------------------------------------------- the network
@@ -339,15 +117,15 @@ class TGCNet(nn.Module):
             self.clip = towers
             towers.requires_grad_(cfg.finetune == "full")
         g, (w1, w2, w3, w4), s = cfg.groups, cfg.cnn_widths, cfg.stem_width
-        self.stem = nn.Sequential(_conv(1, s, g), _conv(s, s, g))
+        self.stem = nn.Sequential(conv_gn(1, s, g), conv_gn(s, s, g))
         self.stages = nn.ModuleList([ResStage(s, w1, g), ResStage(w1, w2, g), ResStage(w2, w3, g), ResStage(w3, w4, g)])
         self.adapters = nn.ModuleList([VitAdapter(vw, w, self.patch, st, g) for w, st in ((w2, 4), (w3, 8), (w4, 16))])
         self.fuse = nn.ModuleList([Fuse(w, g) for w in (w2, w3, w4)])
         self.calib = nn.ModuleList([Calibration(w, cfg.text_dim, cfg.heads, self.with_text) for w in (w4, w3, w2)])
         self.ups = nn.ModuleList([Up(w4, w3, g), Up(w3, w2, g), Up(w2, w1, g), Up(w1, s, g)])
         self.head = nn.Conv2d(s, self.num_classes, 1)
-        self.register_buffer("pixel_mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         self.glossary = None
         if self.with_text:
             import open_clip
@@ -365,6 +143,16 @@ class TGCNet(nn.Module):
                 self.provenance.update(self.glossary.provenance())
         self.provenance.update(text_mode=cfg.text_mode, finetune=cfg.finetune, vocabulary=self.vocabulary.name,
                                vocabulary_hash=self.vocabulary.content_hash)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Output channels, in order: the vocabulary's classes (what a model file and a site's check read)."""
+        return self.vocabulary.class_names
+
+    @property
+    def task_names(self) -> list[str]:
+        """The vocabulary's tasks (a task prompt stands in for a missing report)."""
+        return self.vocabulary.task_names
 
     @property
     def towers(self) -> ClipTowers:

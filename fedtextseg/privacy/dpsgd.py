@@ -1,0 +1,306 @@
+"""DP-SGD for one site's local round with Opacus, run through the ordinary ``engine.train_steps`` loop.
+
+The engine stays the one training loop: :func:`make_private` hands it private replacements for its parts.
+
+* **Privacy unit = the training volume (patient).** Batches are drawn by Poisson sampling over the site's training
+  *volumes* (``UniformWithReplacementSampler``: every volume joins a step independently with probability
+  ``q = expected_batch_size / N``, so a step's batch can be empty and still gets its noise). A sampled volume
+  yields ``num_crops`` patches; their per-patch gradients are grouped back to the volume (by ``case_id``) before
+  clipping, so the clipping bound ``C`` and hence the sensitivity apply to a patient, not to a crop.
+* **Per-sample gradients** come from Opacus' ``GradSampleModule`` hooks on the submodules (the wrapper's
+  ``forward_batch`` calls the model's own ``forward_batch``, whose layers carry the hooks). Only trainable
+  parameters get hooks; the frozen DINOv2 / CLIP parts and the text bank have ``requires_grad=False``.
+* ``grad_sample_mode="hooks"`` (default): per-patch gradients are materialised, summed per volume (mean over its
+  crops), clipped per volume to ``C`` exactly (``DPOptimizer``). ``"ghost"``: Opacus' fast/ghost gradient clipping
+  (``GradSampleModuleFastGradientClipping``: ghost norms for ``nn.Linear``, per-layer norms for convolutions and
+  functorch layers, no stored per-sample gradients) with two backward passes; each patch is clipped to ``C`` and a
+  volume contributes the mean of its clipped patches, whose norm is <= ``C`` (triangle inequality) - the same
+  sensitivity, slightly more clipping.
+* The loss is made a **per-sample mean** whatever the loss object does (:class:`PerSampleMean` evaluates it on one
+  row at a time): batch Dice, or the marginal loss's batch-normalised exclusion term, would otherwise couple
+  samples, and Opacus' per-sample gradients would no longer bound one patient's influence.
+* Noise: ``N(0, (sigma C)^2)`` on the clipped sum, divided by the *expected* batch size; the generator is seeded
+  from ``os.urandom`` (the run seed is known to the server, which could otherwise regenerate the noise), and
+  Opacus' ``secure_mode`` noise (sum of four Gaussians) guards against floating-point attacks.
+* FedProx's proximal term is data-independent: it is added to the privatised gradient (post-processing).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from fedtextseg.errors import ConfigError, FedTextSegError
+
+__all__ = ["validate_model", "poisson_loader", "volume_index", "PerSampleMean", "make_private", "PrivateParts",
+           "secure_seed"]
+
+
+def secure_seed() -> int:
+    """A 63-bit seed from the OS's entropy pool (never derived from the run seed the server knows)."""
+    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+
+
+def validate_model(model: nn.Module) -> None:
+    """Opacus' ``ModuleValidator`` over the model; raises a FedTextSegError naming every offending module."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise FedTextSegError(f"{type(model).__name__} cannot be trained with DP-SGD (Opacus): "
+                              + "; ".join(str(e) for e in errors))
+
+
+# ----------------------------------------------------------------------------- Poisson batches of volumes
+def _collate_or_empty(items: list) -> dict[str, Any]:
+    if not items:  # Poisson sampling drew no volume: a step with zero gradients, still noised
+        return {"image": torch.zeros(0, 1), "label": torch.zeros(0, 1), "annotated": torch.zeros(0, 1),
+                "case_id": []}
+    from monai.data import list_data_collate
+
+    return list_data_collate(items)
+
+
+def poisson_loader(dataset, sample_rate: float, steps: int, generator: torch.Generator | None = None):
+    """Batches of whole volumes by Poisson sampling (each volume with probability ``sample_rate``), ``steps`` per
+    pass; a volume's random crops are flattened into consecutive rows by MONAI's ``list_data_collate``."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+    from torch.utils.data import DataLoader
+
+    if not 0 < sample_rate <= 1:
+        raise ConfigError(f"Poisson sampling rate must be in (0, 1], got {sample_rate}")
+    sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=float(sample_rate),
+                                            generator=generator, steps=max(1, int(steps)))
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate_or_empty, num_workers=0)
+
+
+def volume_index(batch: Mapping[str, Any], rows: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
+    """Row -> volume index (0..V-1, by ``case_id`` in order of appearance) and V; one volume per row without ids."""
+    ids = batch.get("case_id")
+    if isinstance(ids, (list, tuple)) and len(ids) == rows and rows:
+        order: dict[Any, int] = {}
+        idx = [order.setdefault(str(i), len(order)) for i in ids]
+        return torch.tensor(idx, dtype=torch.long, device=device), len(order)
+    return torch.arange(rows, device=device), rows
+
+
+# ----------------------------------------------------------------------------- losses
+class PerSampleMean:
+    """``fn(logits, *targets)`` evaluated on each row alone and averaged: a loss Opacus can decompose per sample."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor]):
+        self.fn = fn
+
+    def per_sample(self, logits: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.fn(logits[i:i + 1], *(r[i:i + 1] for r in rest)) for i in range(logits.shape[0])])
+
+    def __call__(self, logits: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        if logits.shape[0] == 0:
+            return logits.sum() * 0.0
+        return self.per_sample(logits, *rest).mean()
+
+
+class _GhostClippedLoss(PerSampleMean):
+    """Ghost clipping folded into the loss: pass 1 (here) computes per-row gradient norms through Opacus' hooks,
+    the value returned makes the engine's ``backward`` (pass 2, hooks off) produce the clipped sum
+    ``sum_volumes mean_crops(clip_C(g_row))``; its value is the plain mean loss, for logging."""
+
+    def __init__(self, fn, model: "nn.Module"):
+        super().__init__(fn)
+        self.model = model
+
+    def __call__(self, logits: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        if logits.shape[0] == 0:
+            return logits.sum() * 0.0
+        per = self.per_sample(logits, *rest)
+        per.mean().backward(retain_graph=True)
+        coeff = self.model.get_clipping_coef().to(per.device, per.dtype)
+        for p in self.model.parameters():
+            p.grad = None
+        idx, v = self.model.volume_index, self.model.num_volumes
+        counts = torch.zeros(v, device=per.device, dtype=per.dtype).index_add_(0, idx.to(per.device),
+                                                                              torch.ones_like(per))
+        weights = (coeff / counts[idx.to(per.device)]).detach()
+        self.model.disable_hooks()  # re-enabled by the optimizer after the engine's backward
+        second = (weights * per).sum()
+        return second - second.detach() + per.mean().detach()
+
+
+# ----------------------------------------------------------------------------- model wrappers
+class _DPForward:
+    """``forward_batch`` for Opacus' wrappers: records which rows belong to which volume, refuses terms that
+    couple samples, and answers an empty Poisson batch without running the model."""
+
+    volume_index: torch.Tensor
+    num_volumes: int
+
+    def forward_batch(self, batch: Mapping[str, Any]) -> dict:
+        rows = int(batch["image"].shape[0])
+        trainable = [p for p in self._module.parameters() if p.requires_grad]
+        self.volume_index, self.num_volumes = volume_index(batch, rows, trainable[0].device)
+        if rows == 0:
+            return {"logits": trainable[0].new_zeros((0, 1)) + 0.0 * trainable[0].sum()}
+        out = self._module.forward_batch(batch)
+        if out.get("aux_loss") is not None:
+            raise ConfigError(f"{type(self._module).__name__} returned an auxiliary loss that couples the samples of a "
+                              "batch (e.g. TGC-Net's contrastive alignment); per-sample clipping would not bound one "
+                              "patient's influence. Turn it off under DP-SGD (TGC-Net: model.kwargs.align_weight=0)")
+        return out
+
+
+def _wrapper_classes():
+    from opacus import GradSampleModule
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    class HooksDPModel(_DPForward, GradSampleModule):
+        """``GradSampleModule`` (per-sample gradients materialised) with the engine's ``forward_batch``."""
+
+    class GhostDPModel(_DPForward, GradSampleModuleFastGradientClipping):
+        """``GradSampleModuleFastGradientClipping`` (ghost / fast gradient clipping) with ``forward_batch``."""
+
+    return HooksDPModel, GhostDPModel
+
+
+class _EmptySafeTeacher:
+    """The distillation teacher, answering an empty Poisson batch with empty logits."""
+
+    def __init__(self, teacher: nn.Module):
+        self.teacher = teacher
+
+    def eval(self):
+        self.teacher.eval()
+        return self
+
+    def forward_batch(self, batch):
+        if int(batch["image"].shape[0]) == 0:
+            p = next(self.teacher.parameters())
+            return {"logits": p.new_zeros((0, 1))}
+        return self.teacher.forward_batch(batch)
+
+
+# ----------------------------------------------------------------------------- optimizers
+def _prox_step(params, refs, mu: float) -> None:
+    if mu > 0:
+        for p, ref in zip(params, refs):
+            if ref is not None and p.grad is not None:
+                p.grad.add_(p.detach() - ref.to(p.device), alpha=mu)
+
+
+def _optimizer_classes():
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+
+    class HooksDPOptimizer(DPOptimizer):
+        """Opacus' DPOptimizer, clipping per *volume*: per-row gradients are averaged over each volume's rows first."""
+
+        def __init__(self, optimizer, *, model, prox_mu=0.0, prox_refs=(), **kwargs):
+            super().__init__(optimizer, loss_reduction="mean", **kwargs)
+            self.dp_model, self.prox_mu, self.prox_refs = model, float(prox_mu), list(prox_refs)
+
+        def _group_per_volume(self) -> None:
+            idx, v = self.dp_model.volume_index, self.dp_model.num_volumes
+            for p in self.params:
+                gs = getattr(p, "grad_sample", None)
+                if isinstance(gs, list):
+                    gs = torch.cat(gs, dim=0)
+                if v == 0:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=torch.float32)
+                    continue
+                if gs is None:  # a parameter this batch did not reach: zero gradient for every volume
+                    p.grad_sample = torch.zeros((v, *p.shape), device=p.device, dtype=torch.float32)
+                    continue
+                # float32 before the norms: clipping is exact on exactly the values that are summed
+                gs = gs.to(torch.float32)
+                i = idx.to(gs.device)
+                grouped = torch.zeros((v, *p.shape), device=gs.device, dtype=torch.float32).index_add_(0, i, gs)
+                counts = torch.zeros(v, device=gs.device).index_add_(0, i, torch.ones(len(i), device=gs.device))
+                p.grad_sample = grouped / counts.view(-1, *([1] * p.dim()))
+
+        def pre_step(self, closure=None):
+            self._group_per_volume()
+            ok = super().pre_step(closure)
+            if ok:
+                _prox_step(self.params, self.prox_refs, self.prox_mu)
+            return ok
+
+    class GhostDPOptimizer(DPOptimizerFastGradientClipping):
+        """Opacus' ghost-clipping optimizer: noise on the clipped sum the engine's backward produced."""
+
+        def __init__(self, optimizer, *, model, prox_mu=0.0, prox_refs=(), **kwargs):
+            super().__init__(optimizer, loss_reduction="mean", **kwargs)
+            self.dp_model, self.prox_mu, self.prox_refs = model, float(prox_mu), list(prox_refs)
+
+        def pre_step(self, closure=None):
+            self.dp_model.enable_hooks()
+            for p in self.params:
+                if p.grad is None:  # empty batch / unreached parameter
+                    p.grad = torch.zeros_like(p)
+            ok = super().pre_step(closure)
+            if ok:
+                _prox_step(self.params, self.prox_refs, self.prox_mu)
+            return ok
+
+    return HooksDPOptimizer, GhostDPOptimizer
+
+
+# ----------------------------------------------------------------------------- assembly
+@dataclass
+class PrivateParts:
+    """What ``engine.train_steps`` runs under DP-SGD; ``close()`` removes Opacus' hooks from the model."""
+
+    model: nn.Module
+    loader: Any
+    loss_fn: Callable
+    distill_fn: Callable | None
+    teacher: Any
+    optimizer: torch.optim.Optimizer
+    mode: str
+
+    def close(self) -> None:
+        self.model._close()
+
+
+def make_private(model: nn.Module, dataset, optimizer: torch.optim.Optimizer, loss_fn: Callable, *,
+                 noise_multiplier: float, max_grad_norm: float, sample_rate: float, steps: int,
+                 mode: str = "hooks", distill_fn: Callable | None = None, teacher: nn.Module | None = None,
+                 prox_mu: float = 0.0, prox_reference: Mapping[str, torch.Tensor] | None = None,
+                 sampler_seed: int | None = None, noise_seed: int | None = None) -> PrivateParts:
+    """Wrap a model (already on its device), its optimizer and loss for DP-SGD over Poisson batches of volumes.
+
+    Seeds default to fresh OS entropy; pass them only in tests.
+    """
+    validate_model(model)
+    if mode not in ("hooks", "ghost"):
+        raise ConfigError(f"privacy.grad_sample_mode {mode!r} is not one of hooks, ghost")
+    if mode == "ghost" and teacher is not None and distill_fn is not None:
+        raise ConfigError("privacy.grad_sample_mode=ghost cannot clip the distillation term the engine adds after "
+                          "the loss (train.loss=distill); use grad_sample_mode=hooks")
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise FedTextSegError(f"{type(model).__name__} has no trainable parameters to train with DP-SGD")
+    device = trainable[0][1].device
+    HooksDPModel, GhostDPModel = _wrapper_classes()
+    HooksDPOptimizer, GhostDPOptimizer = _optimizer_classes()
+    noise_gen = torch.Generator(device=device).manual_seed(noise_seed if noise_seed is not None else secure_seed())
+    sample_gen = torch.Generator().manual_seed(sampler_seed if sampler_seed is not None else secure_seed())
+    refs = [(prox_reference or {}).get(n) for n, _ in trainable] if prox_mu > 0 else []
+    expected = float(sample_rate) * len(dataset)
+    common = dict(noise_multiplier=float(noise_multiplier), max_grad_norm=float(max_grad_norm),
+                  expected_batch_size=expected, generator=noise_gen, secure_mode=True, prox_mu=prox_mu,
+                  prox_refs=refs)
+    if mode == "hooks":
+        dp_model = HooksDPModel(model, batch_first=True, loss_reduction="mean", strict=True)
+        dp_opt = HooksDPOptimizer(optimizer, model=dp_model, **common)
+        dp_loss = PerSampleMean(loss_fn)
+    else:
+        dp_model = GhostDPModel(model, batch_first=True, loss_reduction="mean", strict=True,
+                                max_grad_norm=float(max_grad_norm), use_ghost_clipping=True)
+        dp_opt = GhostDPOptimizer(optimizer, model=dp_model, **common)
+        dp_loss = _GhostClippedLoss(loss_fn, dp_model)
+    return PrivateParts(
+        model=dp_model, loader=poisson_loader(dataset, sample_rate, steps, sample_gen), loss_fn=dp_loss,
+        distill_fn=PerSampleMean(distill_fn) if distill_fn is not None else None,
+        teacher=_EmptySafeTeacher(teacher) if teacher is not None else None, optimizer=dp_opt, mode=mode)
