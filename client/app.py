@@ -26,11 +26,13 @@ from fedtextseg.federation.frozen import FrozenCache
 from fedtextseg.flower_adapter import (eval_reply_content, missing_frozen_error, receive_frozen, record_nbytes,
                                        record_to_arrays, record_to_config, site_reply_content)
 from fedtextseg.federation.frozen import MISSING_FROZEN
+from fedtextseg.privacy.audit import message_audit_mod
+from fedtextseg.privacy.site import SitePrivacy, screen_eval_summary
 from fedtextseg.runtime import SiteRunner, build_model
 from fedtextseg.sites import resolve_site_path
 from fedtextseg.config import compose_config
 
-app = ClientApp()
+app = ClientApp(mods=[message_audit_mod])  # every reply is checked against the allow-list (fedtextseg.privacy.audit)
 log = logging.getLogger("fedtextseg.client")
 _lib_log = logging.getLogger("fedtextseg")
 if not _lib_log.handlers:  # per-step progress lines of local training reach the SuperNode's / simulation's log
@@ -119,12 +121,16 @@ def train(msg: Message, context: Context) -> Message:
     except Exception as exc:  # a missing frozen bundle is answered, anything else is a real failure
         return _error_reply(msg, exc)
     conf = record_to_config(msg.content.config_records["config"])
+    # DP-SGD settings with this node's own budget (node config) and the run's ledger key; None when off
+    runner.privacy = SitePrivacy.for_site(runner.cfg, runner.site, context.node_config,
+                                          run_key=str(conf.get("run-key") or f"flower-run-{context.run_id}"))
     start = time.perf_counter()
     stats = runner.train_round(round_=int(conf["round"]), total_rounds=int(conf["total-rounds"]),
                                prox_mu=float(conf.get("prox-mu", 0.0)))
     _save_local_state(context, runner)
-    content = site_reply_content(
-        runner.wire_arrays(), runner.num_examples, runner.site.annotated_mask(),
+    content = site_reply_content(  # a site whose budget is spent declines: global arrays back, 0 examples
+        runner.wire_arrays(), 0 if getattr(stats, "declined", False) else runner.num_examples,
+        runner.site.annotated_mask(),
         {**stats.as_metrics(), "round_seconds": time.perf_counter() - start},
     )
     content["site"] = ConfigRecord({"name": runner.site.name, "task": runner.site.task})
@@ -139,7 +145,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         runner, _ = _runner(msg, context)
     except Exception as exc:
         return _error_reply(msg, exc)
-    summary = runner.evaluate()
+    n_cases = min(len(runner.data.val_cases), int(runner.cfg.eval.get("max_cases") or len(runner.data.val_cases)))
+    summary = screen_eval_summary(runner.cfg, runner.evaluate(), n_cases)  # privacy.min_samples_for_metrics
     content = eval_reply_content(summary, runner.site.vocabulary.class_names, len(runner.data.val_cases))
     content["site"] = ConfigRecord({"name": runner.site.name})
     return Message(content, reply_to=msg)

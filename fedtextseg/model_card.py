@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 from fedtextseg.errors import FedTextSegError
 from fedtextseg.vocab import get_vocabulary
 
-__all__ = ["model_card", "format_card", "info_main"]
+__all__ = ["check_model_file", "model_card", "format_card", "info_main"]
 
 
 def _sha256(path: Path) -> str:
@@ -30,6 +31,24 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def check_model_file(path: str | Path) -> Path:
+    """Cheap checks before unpickling: exists, not empty, a complete PyTorch archive (clear message otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedTextSegError(f"{path}: no such model file")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if size == 0:
+        raise FedTextSegError(f"{path}: empty file, not a model file")
+    if head != b"PK\x03\x04":
+        raise FedTextSegError(f"{path}: not a fedtextseg model file (not a PyTorch archive: it starts with {head!r})")
+    if not zipfile.is_zipfile(path):
+        raise FedTextSegError(f"{path}: model file is truncated or corrupt ({size:,} bytes, the archive's directory "
+                              "is missing); copy it again")
+    return path
 
 
 def _architecture(name: str, kwargs: Mapping[str, Any]) -> tuple[dict, str]:
@@ -62,7 +81,7 @@ def model_card(path: str | Path) -> dict[str, Any]:
     """Everything the card shows, as plain JSON-able data; a clear FedTextSegError for non-model files."""
     from fedtextseg.model_file import load_model_file, read_model_info
 
-    path = Path(path)
+    path = check_model_file(path)
     warnings: list[str] = []
     params = frozen_hash = None
     try:
@@ -124,7 +143,8 @@ def model_card(path: str | Path) -> dict[str, Any]:
         warnings.append("the file does not record which sites annotated which classes")
     ev = dict(info.get("eval") or {})
     return {
-        "file": {"path": str(path), "bytes": path.stat().st_size, "sha256": _sha256(path), "format": info.get("format")},
+        "file": {"path": str(path), "bytes": path.stat().st_size, "sha256": _sha256(path),
+                 "format": info.get("format")},
         "model": {"name": name, "summary": summary, "config": arch, "parameters": params, "frozen_hash": frozen_hash},
         "text_bank": bank,
         "dino": dino,

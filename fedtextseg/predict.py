@@ -170,9 +170,10 @@ class Predictor:
 
     @classmethod
     def from_file(cls, path: str | Path, **options: Any) -> "Predictor":
+        from fedtextseg.model_card import check_model_file
         from fedtextseg.model_file import load_model_file
 
-        model, info = load_model_file(path)
+        model, info = load_model_file(check_model_file(path))
         return cls(model, info, **options)
 
     @staticmethod
@@ -401,9 +402,10 @@ def predict_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.no_per_class and not args.multilabel:
         p.error("--no-per-class writes nothing without --multilabel")
+    from fedtextseg.model_card import check_model_file
     from fedtextseg.model_file import load_model_file
 
-    model, info = load_model_file(args.model)
+    model, info = load_model_file(check_model_file(args.model))
     if args.list_classes:
         trained = info.get("annotated_by") or {}
         for c in info["class_names"]:

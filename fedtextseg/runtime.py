@@ -29,6 +29,7 @@ from fedtextseg.data.transforms import PreprocessConfig
 from fedtextseg.errors import ConfigError
 from fedtextseg.losses import ConditionalDistillation, build_loss
 from fedtextseg.models import create_model
+from fedtextseg.privacy.site import SitePrivacy
 from fedtextseg.text import EmbeddingBank
 from fedtextseg.vocab import get_vocabulary
 
@@ -226,6 +227,9 @@ class SiteRunner:
         # largest-connected-component clean-up: organs only (tumors are often multifocal)
         self.keep_largest = [i for i, c in enumerate(vocab.classes) if c.parent is None] if cfg.eval.keep_largest else []
         log.info("%s", self.data.describe())
+        # DP-SGD settings of this site (run config + site.yaml privacy block; a client adds its node config and the
+        # run key): None unless DP-SGD is on
+        self.privacy = SitePrivacy.for_site(cfg, self.site)
 
     def _check_vocabulary(self) -> None:
         names = list(getattr(self.model, "class_names", []))
@@ -273,19 +277,22 @@ class SiteRunner:
         distill_weight = distill_weight_for_round(cfg, round_, total_rounds)
         if distill_weight > 0 and teacher is None:
             teacher = copy.deepcopy(self.model).eval()
-        return engine.train_steps(
-            self.model, loader, loss_fn=self.loss_fn, optimizer=optimizer,
+        train_kwargs = dict(
+            loss_fn=self.loss_fn, optimizer=optimizer,
             steps=int(steps if steps is not None else cfg.train.local_steps), device=self.device,
             precision=cfg.run.precision, grad_clip=cfg.train.grad_clip, prox_mu=prox_mu, prox_reference=reference,
             teacher=teacher if distill_weight > 0 else None, distill_fn=self.distill_fn,
             distill_weight=distill_weight, log_every=int(log_every if log_every is not None else cfg.train.log_every),
             label=f"[{self.site.name}] round {round_}",
         )
+        if self.privacy is not None:  # DP-SGD (fedtextseg.privacy): Poisson volumes, per-volume clipping, noise, ledger
+            return self.privacy.train_round(self, round_=round_, total_rounds=total_rounds, train_kwargs=train_kwargs)
+        return engine.train_steps(self.model, loader, **train_kwargs)
 
     def evaluate(self, dataset=None, max_cases: int | None = None, task_override: int | None = None):
         """Per-class Dice/HD95 of the current model on this site's validation cases (its annotated classes)."""
         ds = self.data.val_ds if dataset is None else dataset
-        limit = max_cases if max_cases is not None else self.cfg.eval.get("max_cases")
+        limit = self.cfg.eval.get("max_cases") if dataset is None else max_cases
         items = (ds[i] for i in range(len(ds) if limit is None else min(len(ds), int(limit))))
         return engine.evaluate(
             self.model, items, self.site.vocabulary.class_names, roi_size=self.roi_size,

@@ -61,7 +61,28 @@ def stop_local_superlink(home: Path | None = None) -> list[int]:
                 stopped.append(int(pid_text))
             except (ProcessLookupError, ValueError, PermissionError):
                 pass
+    deadline = time.time() + 10.0
+    for pid in stopped:  # a busy SuperLink may ignore SIGTERM for a while: end it for sure
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.2)
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     return stopped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as ended
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
 
 
 def flwr_run_command(project: Path, num_sites: int, run_config: dict, cpus_per_site: float = 1.0) -> list[str]:

@@ -313,10 +313,10 @@ class Vocabulary:
                 spatial_dims=int(pick("spatial_dims", 3)),
                 default_task=pick("default_task", None),
             )
+        except FedTextSegError as exc:  # unknown names, duplicates (before KeyError: UnknownClassError is one)
+            raise FedTextSegError(f"{source}: {exc}") from None
         except KeyError as exc:
             raise FedTextSegError(f"{source}: vocabulary entry is missing the key {exc}") from None
-        except UnknownClassError as exc:
-            raise FedTextSegError(f"{source}: {exc}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Vocabulary":

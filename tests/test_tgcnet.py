@@ -249,3 +249,21 @@ def test_opacus_per_sample_gradients_are_exact():
             torch.testing.assert_close(p.grad_sample[2], g, rtol=1e-3, atol=1e-4 * g.abs().max().item())
             checked += 1
     assert checked > 100
+
+
+def test_trimmed_text_tokens_are_exact(tiny):
+    """Cutting the padding after the longest report's end-of-text token changes nothing (causal text tower)."""
+    ids = tiny.tokenizer(CAPS)
+    trimmed = T._trim(ids)
+    assert trimmed.shape[1] == int(ids.argmax(-1).max()) + 1 < ids.shape[1]
+    with torch.no_grad():
+        full = tiny.towers.text(ids)[:, : trimmed.shape[1]]
+        torch.testing.assert_close(tiny.towers.text(trimmed), full, rtol=1e-5, atol=1e-5)
+
+
+def test_provided_weights_mode_builds_quietly():
+    """``pretrained="provided"``: the caller loads the CLIP weights (a federated site, a model file); no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, prov = T.build_clip(_named_cfg(pretrained="provided"))
+    assert prov["clip_weights"] == "provided" and prov["pretrained"] is None and "caller" in prov["loaded_by"]

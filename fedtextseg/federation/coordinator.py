@@ -27,6 +27,7 @@ from fedtextseg.federation.frozen import FrozenBundle, FrozenDistributor
 from fedtextseg.federation.server_opt import make_server_optimizer
 from fedtextseg.metrics import mean_over_classes
 from fedtextseg.params import count_params, merge_into
+from fedtextseg.privacy.server import record_privacy, run_key_for, split_declined
 from fedtextseg.runtime import build_model, prepare_bank
 from fedtextseg.tracking import RunRecorder, dice_table, environment_info, format_table, read_metrics
 
@@ -104,7 +105,8 @@ class Coordinator:
     # ------------------------------------------------------------------ round protocol
     def round_config(self, round_: int) -> dict[str, Any]:
         return {"round": int(round_), "total-rounds": self.total_rounds,
-                "prox-mu": float(self.cfg.federation.get("prox_mu", 0.0) or 0.0)}
+                "prox-mu": float(self.cfg.federation.get("prox_mu", 0.0) or 0.0),
+                "run-key": run_key_for(self.recorder)}  # names the sites' privacy ledgers (kept on resume)
 
     def frozen_payload(self, node_id: Any) -> FrozenBundle | None:
         return self.distributor.payload_for(node_id)
@@ -114,6 +116,9 @@ class Coordinator:
                            bytes_received: Mapping[str, int] | None = None) -> RoundOutcome:
         """Screen replies, aggregate group-wise (class-aware rows), step the server optimiser, record."""
         failures = dict(failures)
+        record_privacy(self.recorder, round_, updates)  # "privacy" rows + privacy.json (fedtextseg.privacy)
+        updates, declined = split_declined(updates)  # budget exhausted: nothing to aggregate, the run goes on
+        failures.update(declined)
         good, bad = screen_updates(self.global_arrays, updates, self.groups)
         for node, problems in bad.items():
             failures[node] = "; ".join(problems)
@@ -166,7 +171,8 @@ class Coordinator:
         runner, dataset = self._unseen
         runner.model = self.global_model()
         start = time.perf_counter()
-        summary = runner.evaluate(dataset)
+        # every case of the unseen hospital in the final round; eval.max_cases of them in earlier rounds
+        summary = runner.evaluate(dataset, max_cases=None if round_ >= self.total_rounds else self.cfg.eval.get("max_cases"))
         self.recorder.log_per_class("unseen_eval", round_, f"unseen:{runner.site.name}", summary)
         self.log_fn(f"round {round_}: unseen hospital {runner.site.name!r} mean Dice "
                     f"{mean_over_classes(summary):.3f} over {len(summary)} classes ({time.perf_counter() - start:.0f}s)")

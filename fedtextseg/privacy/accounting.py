@@ -14,6 +14,7 @@ reset would under-report the spending).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -42,28 +43,53 @@ def _accountant(kind: str):
 
 def epsilon_for(history: Iterable[Sequence[float]], delta: float, accountant: str = "rdp") -> float:
     """Epsilon at ``delta`` after the Sampled Gaussian steps ``[(noise_multiplier, sample_rate, steps), ...]``."""
-    hist = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
-    if not hist:
-        return 0.0
-    acc = _accountant(accountant)
-    acc.history = hist
-    return float(acc.get_epsilon(delta=float(delta)))
+    hist = tuple((float(s), float(q), int(n)) for s, q, n in history if int(n) > 0)
+    return _epsilon_cached(hist, float(delta), str(accountant)) if hist else 0.0
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon_cached(history: tuple, delta: float, accountant: str) -> float:
+    acc = _accountant(accountant)  # RDP at fractional orders costs ~0.1-1 s: every history is computed once
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta))
 
 
 def plan_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                          accountant: str = "rdp") -> float:
-    """The smallest noise multiplier (to 0.01 in epsilon) that keeps ``steps`` steps within the target."""
+                          accountant: str = "rdp", history: Sequence[Sequence[float]] = ()) -> float:
+    """The smallest noise multiplier (to 0.01 in epsilon) that keeps ``steps`` more steps within the target.
+
+    Without a ``history`` this is Opacus' ``get_noise_multiplier``; with one (a plan changed in the middle of a run)
+    the steps already taken are included and the multiplier is found by bisection on :func:`epsilon_for`.
+    """
     from opacus.accountants.utils import get_noise_multiplier
 
     if steps <= 0:
         raise FedTextSegError(f"cannot plan DP noise for {steps} steps")
-    try:
-        return float(get_noise_multiplier(target_epsilon=float(target_epsilon), target_delta=float(delta),
-                                          sample_rate=float(sample_rate), steps=int(steps), accountant=accountant,
-                                          epsilon_tolerance=0.01))
-    except ValueError as exc:  # Opacus: the target cannot be reached even with very large noise
-        raise FedTextSegError(f"no noise multiplier reaches epsilon={target_epsilon} at delta={delta} for "
-                              f"{steps} steps at sampling rate {sample_rate:.3g}: {exc}") from None
+    what = (f"no noise multiplier keeps epsilon <= {target_epsilon} at delta={delta} for {steps} more step(s) at "
+            f"sampling rate {sample_rate:.3g}")
+    if not history:
+        try:
+            return float(get_noise_multiplier(target_epsilon=float(target_epsilon), target_delta=float(delta),
+                                              sample_rate=float(sample_rate), steps=int(steps), accountant=accountant,
+                                              epsilon_tolerance=0.01))
+        except ValueError as exc:  # Opacus: unreachable even with very large noise
+            raise FedTextSegError(f"{what}: {exc}") from None
+    past = [list(h) for h in history]
+    if epsilon_for(past, delta, accountant) >= target_epsilon:
+        raise FedTextSegError(f"{what}: the steps already taken spent the whole budget")
+
+    def eps(sigma: float) -> float:
+        return epsilon_for(past + [[sigma, sample_rate, steps]], delta, accountant)
+
+    lo, hi = 0.0, 10.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise FedTextSegError(what)
+    while hi - lo > 1e-3 and target_epsilon - eps(hi) > 0.01:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if eps(mid) < target_epsilon else (mid, hi)
+    return float(hi)
 
 
 def default_ledger_dir() -> Path:

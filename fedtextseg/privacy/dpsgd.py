@@ -11,11 +11,13 @@ The engine stays the one training loop: :func:`make_private` hands it private re
   ``forward_batch`` calls the model's own ``forward_batch``, whose layers carry the hooks). Only trainable
   parameters get hooks; the frozen DINOv2 / CLIP parts and the text bank have ``requires_grad=False``.
 * ``grad_sample_mode="hooks"`` (default): per-patch gradients are materialised, summed per volume (mean over its
-  crops), clipped per volume to ``C`` exactly (``DPOptimizer``). ``"ghost"``: Opacus' fast/ghost gradient clipping
-  (``GradSampleModuleFastGradientClipping``: ghost norms for ``nn.Linear``, per-layer norms for convolutions and
-  functorch layers, no stored per-sample gradients) with two backward passes; each patch is clipped to ``C`` and a
-  volume contributes the mean of its clipped patches, whose norm is <= ``C`` (triangle inequality) - the same
-  sensitivity, slightly more clipping.
+  crops), clipped per volume to ``C`` exactly (``DPOptimizer``). ``"fast"``: Opacus' fast gradient clipping
+  (``GradSampleModuleFastGradientClipping``: per-layer per-sample gradients reduced to norms at once, never stored
+  for the whole model) with two backward passes; ``"ghost"``: the same with ghost norms for ``nn.Linear`` (no
+  per-sample gradient at all) - Opacus' ghost norm sampler only handles 2-D/3-D Linear inputs, so it fails with
+  a clear error on CDPDNet (its window attention applies Linear layers to 5-D tensors) and works on TGC-Net. In
+  both, each patch is clipped to ``C`` and a volume contributes the mean of its clipped patches, whose norm is
+  <= ``C`` (triangle inequality): the same sensitivity, slightly more clipping.
 * The loss is made a **per-sample mean** whatever the loss object does (:class:`PerSampleMean` evaluates it on one
   row at a time): batch Dice, or the marginal loss's batch-normalised exclusion term, would otherwise couple
   samples, and Opacus' per-sample gradients would no longer bound one patient's influence.
@@ -118,6 +120,14 @@ class _GhostClippedLoss(PerSampleMean):
             return logits.sum() * 0.0
         per = self.per_sample(logits, *rest)
         per.mean().backward(retain_graph=True)
+        missing = [n for n, p in self.model._module.named_parameters() if p.requires_grad
+                   and not hasattr(p, "_norm_sample")]
+        if missing:
+            raise ConfigError(
+                f"privacy.grad_sample_mode=ghost does not support {type(self.model._module).__name__}: Opacus' ghost "
+                f"norm sampler for nn.Linear only handles 2-D/3-D inputs, and {len(missing)} parameter(s) (e.g. "
+                f"{', '.join(missing[:3])}) got no per-sample norm. Use grad_sample_mode=fast (Opacus' fast gradient "
+                "clipping, per-layer norms) or hooks")
         coeff = self.model.get_clipping_coef().to(per.device, per.dtype)
         for p in self.model.parameters():
             p.grad = None
@@ -273,10 +283,10 @@ def make_private(model: nn.Module, dataset, optimizer: torch.optim.Optimizer, lo
     Seeds default to fresh OS entropy; pass them only in tests.
     """
     validate_model(model)
-    if mode not in ("hooks", "ghost"):
-        raise ConfigError(f"privacy.grad_sample_mode {mode!r} is not one of hooks, ghost")
-    if mode == "ghost" and teacher is not None and distill_fn is not None:
-        raise ConfigError("privacy.grad_sample_mode=ghost cannot clip the distillation term the engine adds after "
+    if mode not in ("hooks", "ghost", "fast"):
+        raise ConfigError(f"privacy.grad_sample_mode {mode!r} is not one of hooks, ghost, fast")
+    if mode != "hooks" and teacher is not None and distill_fn is not None:
+        raise ConfigError(f"privacy.grad_sample_mode={mode} cannot clip the distillation term the engine adds after "
                           "the loss (train.loss=distill); use grad_sample_mode=hooks")
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
@@ -297,7 +307,7 @@ def make_private(model: nn.Module, dataset, optimizer: torch.optim.Optimizer, lo
         dp_loss = PerSampleMean(loss_fn)
     else:
         dp_model = GhostDPModel(model, batch_first=True, loss_reduction="mean", strict=True,
-                                max_grad_norm=float(max_grad_norm), use_ghost_clipping=True)
+                                max_grad_norm=float(max_grad_norm), use_ghost_clipping=mode == "ghost")
         dp_opt = GhostDPOptimizer(optimizer, model=dp_model, **common)
         dp_loss = _GhostClippedLoss(loss_fn, dp_model)
     return PrivateParts(

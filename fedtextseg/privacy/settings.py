@@ -42,7 +42,7 @@ NODE_KEYS = {
     "privacy-max-grad-norm": "max_grad_norm",
 }
 ACCOUNTANTS = ("rdp", "prv")
-GRAD_SAMPLE_MODES = ("hooks", "ghost")
+GRAD_SAMPLE_MODES = ("hooks", "fast", "ghost")
 SECURE_AGGREGATION = ("none", "secaggplus")
 
 
@@ -58,7 +58,7 @@ class PrivacySettings:
     noise_multiplier: float | None = None  # None: planned from target_epsilon for rounds x local steps
     max_grad_norm: float = 1.0  # per-volume clipping bound C
     expected_batch_size: int | None = None  # volumes per step on average (Poisson); None: train.batch_size
-    grad_sample_mode: str = "hooks"  # hooks (exact per-volume clipping) | ghost (Opacus ghost clipping)
+    grad_sample_mode: str = "hooks"  # hooks (exact per-volume clipping) | fast | ghost (Opacus, 2 backwards)
     min_samples_for_metrics: int = 0  # evaluation metrics over fewer validation cases are not sent
     metric_decimals: int | None = None  # round every sent metric to this many decimals
     report_train_loss: bool = False  # the training loss is outside the DP guarantee: off under DP by default

@@ -32,7 +32,7 @@ EOF
 if [[ $# -ge 1 && ( $1 == -h || $1 == --help ) ]]; then usage; exit 0; fi
 if [[ $# -lt 2 ]]; then usage >&2; exit 2; fi
 SITE=$1; SITE_PATH=$2; shift 2
-SUPERLINK=${FEDTEXTSEG_SUPERLINK:-}; CERTS=""; CA=""; KEY=""; PORT=9094; EXTRA=()
+SUPERLINK=${FEDTEXTSEG_SUPERLINK:-}; CERTS=""; CA=""; KEY=""; PORT=9094; CACHE=""; EXTRA=()
 while [[ $# -gt 0 ]]; do
   case $1 in
     --superlink) SUPERLINK=${2:?--superlink needs a value}; shift 2 ;;
@@ -40,7 +40,7 @@ while [[ $# -gt 0 ]]; do
     --ca) CA=${2:?--ca needs a value}; shift 2 ;;
     --key) KEY=${2:?--key needs a value}; shift 2 ;;
     --port) PORT=${2:?--port needs a value}; shift 2 ;;
-    --cache-dir) export FEDTEXTSEG_CACHE=${2:?--cache-dir needs a value}; shift 2 ;;
+    --cache-dir) CACHE=${2:?--cache-dir needs a value}; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
     -h|--help) usage; exit 0 ;;
     *) echo "start_supernode.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
@@ -62,11 +62,15 @@ SITE_PATH=$(cd "$SITE_PATH" && pwd)   # the ClientApp runs elsewhere: give it an
 [[ $SITE_PATH != *'"'* && $SITE_PATH != *'\'* ]] || die "the site path must not contain quotes or backslashes"
 [[ -f $SITE_PATH/site.yaml || -f $SITE_PATH/dataset.json ]] \
   || die "$SITE_PATH has neither site.yaml nor dataset.json (see \`fedtextseg check-site --help\`)"
+if [[ -n $CACHE ]]; then
+  mkdir -p "$CACHE"
+  export FEDTEXTSEG_CACHE=$(cd "$CACHE" && pwd)   # absolute: the ClientApp processes run elsewhere
+fi
 command -v flower-supernode >/dev/null || die "flower-supernode not found; activate the project's environment (.venv)"
 # Sites are air-gapped: never try a model hub; the ClientApp runs in this environment (no dependency install).
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-echo "start_supernode.sh: site $SITE ($SITE_PATH) -> SuperLink $SUPERLINK" >&2
+echo "start_supernode.sh: site $SITE ($SITE_PATH) -> SuperLink $SUPERLINK, cache ${FEDTEXTSEG_CACHE:-~/.cache/fedtextseg}" >&2
 exec flower-supernode \
   --superlink "$SUPERLINK" \
   --root-certificates "$CA" \

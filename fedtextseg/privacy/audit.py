@@ -1,0 +1,176 @@
+"""The message audit: every reply a ClientApp sends is checked against an allow-list before it leaves the site.
+
+What a site may send (anything else is a violation: the reply is not sent, the violation is logged and raised):
+
+* **train reply** - one ArrayRecord ``arrays`` whose keys are exactly the arrays the server sent this round (the
+  model's shared + per-class parameters, which the site has just loaded into its model, so they are model-shaped)
+  with the same shapes and dtypes, plus ``meta.annotated`` (a 1-D bool mask over the vocabulary); one MetricRecord
+  ``metrics`` with ``num-examples`` (a non-negative int) and scalar metrics named ``train_*``, ``round_seconds`` or
+  ``privacy/*``; one ConfigRecord ``site`` with the site's ``name`` and ``task``;
+* **evaluate reply** - MetricRecords ``metrics`` (``num-examples``) and ``eval.dice``, ``eval.dice_pooled``,
+  ``eval.hd95`` whose keys are ``<metric>/<class>`` or ``has/<class>`` scalars; a ConfigRecord ``site`` (``name``);
+  no arrays;
+* **SecAgg+ stages** (only with ``privacy.secure_aggregation=secaggplus``) - Flower's ``secaggplus`` ConfigRecord
+  (public keys, encrypted key shares, masked integer vectors, Shamir shares) and the legacy ``fitres.*`` records
+  the protocol carries: ``fitres.metrics``/``fitres.num_examples`` with the same metric rules, an emptied
+  ``fitres.parameters`` (the arrays travel only masked);
+* **error replies** (e.g. ``missing-frozen: <hash>``) - Flower's ``Error`` with a code and a reason.
+
+Metric values must be scalars (no lists: a list of numbers could carry anything). The audit does not import Flower:
+it reads the records through the attributes Flower's ``RecordDict``/``Array`` have.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Mapping
+
+from fedtextseg.errors import FedTextSegError
+
+__all__ = ["AuditViolation", "audit_reply", "message_audit_mod", "TRAIN_METRIC_PREFIXES", "EVAL_RECORDS"]
+
+log = logging.getLogger("fedtextseg.audit")
+
+ANNOTATED_KEY = "meta.annotated"
+NUM_EXAMPLES = "num-examples"
+TRAIN_METRIC_PREFIXES = ("train_", "privacy/")
+TRAIN_METRIC_NAMES = ("round_seconds",)
+EVAL_RECORDS = {"eval.dice": "dice", "eval.dice_pooled": "dice_pooled", "eval.hd95": "hd95"}
+SECAGG_RECORD = "secaggplus"
+MAX_NAME = 200
+
+
+class AuditViolation(FedTextSegError):
+    """A reply that does not match the allow-list; nothing of it was sent."""
+
+
+def _records(content: Any, kind: str) -> Mapping[str, Any]:
+    return getattr(content, kind, {}) or {}
+
+
+def _scalar_metrics(name: str, record: Mapping[str, Any], allowed: Callable[[str], bool], problems: list[str]) -> None:
+    for key, value in record.items():
+        if not allowed(key):
+            problems.append(f"metric record '{name}': key '{key}' is not on the allow-list")
+        elif isinstance(value, (list, tuple)):
+            problems.append(f"metric record '{name}': '{key}' is a list; only scalars may leave a site")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"metric record '{name}': '{key}' is not a number")
+    if NUM_EXAMPLES in record:
+        n = record[NUM_EXAMPLES]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            problems.append(f"metric record '{name}': '{NUM_EXAMPLES}' must be a non-negative int, got {n!r}")
+
+
+def _train_metric_ok(key: str) -> bool:
+    return key == NUM_EXAMPLES or key in TRAIN_METRIC_NAMES or key.startswith(TRAIN_METRIC_PREFIXES)
+
+
+def _site_config(record: Mapping[str, Any], allowed: Iterable[str], problems: list[str]) -> None:
+    allowed = set(allowed)
+    for key, value in record.items():
+        if key not in allowed:
+            problems.append(f"config record 'site': key '{key}' is not on the allow-list ({', '.join(sorted(allowed))})")
+        elif not isinstance(value, str) or len(value) > MAX_NAME:
+            problems.append(f"config record 'site': '{key}' must be a short string")
+
+
+def _expected_arrays(incoming: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    records = _records(getattr(incoming, "content", None), "array_records")
+    if "arrays" not in records:
+        return {}
+    return {k: (tuple(int(s) for s in a.shape), str(a.dtype)) for k, a in records["arrays"].items()}
+
+
+def _audit_train(content: Any, incoming: Any, problems: list[str]) -> None:
+    arrays, metrics, configs = (_records(content, k) for k in ("array_records", "metric_records", "config_records"))
+    secagg = SECAGG_RECORD in configs
+    allowed_arrays = {"fitres.parameters"} if secagg else {"arrays"}
+    allowed_metrics = {"fitres.metrics", "fitres.num_examples"} if secagg else {"metrics"}
+    allowed_configs = {"site", SECAGG_RECORD, "fitres.status"} if secagg else {"site"}
+    for kind, got, allowed in (("array", arrays, allowed_arrays), ("metric", metrics, allowed_metrics),
+                               ("config", configs, allowed_configs)):
+        for name in got:
+            if name not in allowed:
+                problems.append(f"{kind} record '{name}' is not on the allow-list of a train reply")
+    if secagg:
+        for name, record in arrays.items():
+            if len(record):
+                problems.append(f"SecAgg+ reply: array record '{name}' must be empty (arrays travel only masked)")
+        for name, record in metrics.items():
+            _scalar_metrics(name, record, lambda k: k == "num_examples" or _train_metric_ok(k), problems)
+        status = configs.get("fitres.status", {})
+        for key, value in status.items():
+            if key not in ("code", "message") or (isinstance(value, str) and len(value) > MAX_NAME):
+                problems.append(f"config record 'fitres.status': '{key}' is not on the allow-list")
+    elif "arrays" in arrays:
+        expected = _expected_arrays(incoming)
+        sent = {k: (tuple(int(s) for s in a.shape), str(a.dtype)) for k, a in arrays["arrays"].items()}
+        extra = sorted(set(sent) - set(expected) - {ANNOTATED_KEY})
+        missing = sorted(set(expected) - set(sent))
+        if extra:
+            problems.append(f"array(s) {extra[:5]} were not sent by the server this round (only the model's shared + "
+                            "per-class arrays may go back)")
+        if missing:
+            problems.append(f"array(s) {missing[:5]} of the round are missing from the reply")
+        for k in sorted(set(sent) & set(expected)):
+            if sent[k] != expected[k]:
+                problems.append(f"array '{k}' is {sent[k][0]} {sent[k][1]}, the server sent {expected[k][0]} "
+                                f"{expected[k][1]}")
+        mask = sent.get(ANNOTATED_KEY)
+        if mask is None:
+            problems.append(f"train reply lacks '{ANNOTATED_KEY}'")
+        elif len(mask[0]) != 1 or mask[1] != "bool":
+            problems.append(f"'{ANNOTATED_KEY}' must be a 1-D bool mask, got {mask[0]} {mask[1]}")
+    for name, record in metrics.items() if not secagg else ():
+        _scalar_metrics(name, record, _train_metric_ok, problems)
+        if NUM_EXAMPLES not in record:
+            problems.append(f"metric record '{name}' lacks '{NUM_EXAMPLES}'")
+    if "site" in configs:
+        _site_config(configs["site"], ("name", "task"), problems)
+
+
+def _audit_evaluate(content: Any, problems: list[str]) -> None:
+    arrays, metrics, configs = (_records(content, k) for k in ("array_records", "metric_records", "config_records"))
+    for name in arrays:
+        problems.append(f"an evaluate reply carries no arrays, got array record '{name}'")
+    for name, record in metrics.items():
+        if name == "metrics":
+            _scalar_metrics(name, record, lambda k: k == NUM_EXAMPLES, problems)
+        elif name in EVAL_RECORDS:
+            metric = EVAL_RECORDS[name]
+            _scalar_metrics(name, record, lambda k, m=metric: k.startswith((f"{m}/", "has/")), problems)
+        else:
+            problems.append(f"metric record '{name}' is not on the allow-list of an evaluate reply")
+    for name, record in configs.items():
+        if name == "site":
+            _site_config(record, ("name",), problems)
+        else:
+            problems.append(f"config record '{name}' is not on the allow-list of an evaluate reply")
+
+
+def audit_reply(reply: Any, incoming: Any) -> list[str]:
+    """Problems of a reply (empty: it may be sent). ``incoming`` is the message it answers."""
+    if reply.has_error():
+        reason = str(getattr(reply.error, "reason", "") or "")
+        return [f"error reason is {len(reason)} characters long"] if len(reason) > 2000 else []
+    kind = str(incoming.metadata.message_type)
+    problems: list[str] = []
+    if kind.startswith("train"):
+        _audit_train(reply.content, incoming, problems)
+    elif kind.startswith("evaluate"):
+        _audit_evaluate(reply.content, problems)
+    else:
+        problems.append(f"no reply of message type '{kind}' is on the allow-list")
+    return problems
+
+
+def message_audit_mod(msg: Any, context: Any, call_next: Callable) -> Any:
+    """Flower client mod: run the handler, audit its reply, send it only if it passes."""
+    reply = call_next(msg, context)
+    problems = audit_reply(reply, msg)
+    if problems:
+        text = "; ".join(problems)
+        log.error("message audit: reply to a %s message NOT sent: %s", msg.metadata.message_type, text)
+        raise AuditViolation(f"message audit refused the reply ({len(problems)} problem(s)): {text}")
+    return reply

@@ -1,0 +1,423 @@
+"""Privacy: DP-SGD (Opacus) for a site's local round, per-site budgets, persistent cumulative accounting, declines
+that never overspend and never stop the run, the server's privacy records and ledger."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedtextseg.errors import BudgetExhaustedError, ConfigError, FedTextSegError
+from fedtextseg.losses import PartialLabelLoss
+from fedtextseg.models import create_model
+from fedtextseg.privacy import (SiteLedger, SitePrivacy, epsilon_for, plan_noise_multiplier, resolve_settings,
+                                screen_eval_summary, split_declined, write_privacy_ledger)
+from fedtextseg.privacy.dpsgd import PerSampleMean, make_private, validate_model
+from fedtextseg.vocab import get_vocabulary
+
+PATCH = (16, 32, 32)  # the smallest patch cdpdnet_tiny takes with a 2x2 DINO token grid
+
+
+def make_bank(dim: int = 32, seed: int = 0) -> dict:
+    vocab = get_vocabulary()
+    g = torch.Generator().manual_seed(seed)
+    return dict(class_embeddings=torch.randn(vocab.num_classes, dim, generator=g),
+                task_embeddings=torch.randn(len(vocab.tasks), dim, generator=g),
+                class_names=vocab.class_names, task_names=vocab.task_names)
+
+
+def tiny_cdpdnet() -> nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = create_model("cdpdnet_tiny", **make_bank())
+    with torch.no_grad():  # FiLM / residual rows start at zero: give every layer a gradient worth comparing
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            if p.requires_grad and not p.abs().sum():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.train()
+
+
+# ----------------------------------------------------------------------------- Opacus compatibility
+def test_validator_accepts_every_model_config():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        validate_model(tiny_cdpdnet())
+        validate_model(create_model("cdpdnet_small", dino={"weights": None}, **make_bank()).train())
+        with torch.device("meta"):  # the paper's size without allocating it
+            paper = create_model("cdpdnet_paper", dino={"weights": None}, **make_bank())
+        assert next(paper.parameters()).device.type == "meta"
+        validate_model(paper.train())
+        validate_model(create_model("tgcnet_tiny").train())
+    with pytest.raises(FedTextSegError, match="BatchNorm"):
+        validate_model(nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2)))
+
+
+def _volume_dataset(n_volumes: int, crops: int, seed: int = 0) -> list:
+    """Items as the training pipeline makes them: a list of ``crops`` patch dicts per volume."""
+    vocab = get_vocabulary()
+    g = torch.Generator().manual_seed(seed)
+    annotated = torch.zeros(vocab.num_classes)
+    annotated[[vocab.class_names.index("liver"), vocab.class_names.index("liver tumor")]] = 1.0
+    items = []
+    for v in range(n_volumes):
+        items.append([{"image": torch.rand(1, *PATCH, generator=g),
+                       "label": (torch.rand(vocab.num_classes, *PATCH, generator=g) > 0.7).to(torch.uint8),
+                       "annotated": annotated.clone(), "task": 1, "case_id": f"vol{v}"} for _ in range(crops)])
+    return items
+
+
+def _one_dp_step(model, dataset, loss_fn, mode, clip):
+    from fedtextseg import engine
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    parts = make_private(model, dataset, optimizer, loss_fn, noise_multiplier=0.0, max_grad_norm=clip,
+                         sample_rate=1.0, steps=1, mode=mode, sampler_seed=0, noise_seed=0)
+    try:
+        engine.train_steps(parts.model, parts.loader, loss_fn=parts.loss_fn, optimizer=parts.optimizer, steps=1,
+                           device="cpu", precision="fp32", grad_clip=None)
+    finally:
+        parts.close()
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # hooks and attributes removed
+    return {n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad}  # = lr * grad
+
+
+def _crop_grads(model, dataset, loss_fn):
+    """Per crop, the gradient of the loss of that crop alone (plain autograd, no Opacus)."""
+    out = []
+    for volume in dataset:
+        grads = []
+        for crop in volume:
+            model.zero_grad(set_to_none=True)
+            batch = {"image": crop["image"][None], "task": torch.tensor([crop["task"]])}
+            logits = model.forward_batch(batch)["logits"]
+            loss_fn(logits, crop["label"][None], crop["annotated"][None]).backward()
+            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        out.append(grads)
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _norm(g: dict) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in g.values())))
+
+
+def _scaled(g: dict, s: float) -> dict:
+    return {k: v * s for k, v in g.items()}
+
+
+def _sum(gs: list) -> dict:
+    return {k: sum(g[k] for g in gs) for k in gs[0]}
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+@pytest.mark.parametrize("mode", ["hooks", "fast"])
+def test_dp_step_clips_per_volume_through_forward_batch(mode):
+    """One DP-SGD step (no noise) = the clipped per-VOLUME gradients summed, over the expected batch size.
+
+    The loss couples samples (batch Dice): the per-sample wrapper must decompose it. hooks: a volume's gradient is
+    the mean over its crops, clipped to C; fast: each crop is clipped to C, the volume takes their mean."""
+    model = tiny_cdpdnet()
+    reference = tiny_cdpdnet()
+    loss_fn = PartialLabelLoss("masked", batch_dice=True)
+    dataset = _volume_dataset(n_volumes=2, crops=2)
+    crop_grads = _crop_grads(reference, dataset, loss_fn)
+    clip = 0.5 * min(_norm(g) for v in crop_grads for g in v)  # every volume and crop gets clipped
+    if mode == "hooks":
+        volumes = [_scaled(_sum(v), 1 / len(v)) for v in crop_grads]
+        volumes = [_scaled(g, min(1.0, clip / (_norm(g) + 1e-6))) for g in volumes]
+    else:
+        volumes = [_scaled(_sum([_scaled(g, min(1.0, clip / (_norm(g) + 1e-6))) for g in v]), 1 / len(v))
+                   for v in crop_grads]
+    expected = _scaled(_sum(volumes), 1 / len(dataset))  # expected batch size = q * N = N volumes
+    got = _one_dp_step(model, dataset, loss_fn, mode, clip)
+    assert _norm(got) <= clip * 1.0001  # the average of clipped volume gradients stays within C
+    for name, want in expected.items():
+        torch.testing.assert_close(got[name], want, rtol=2e-3, atol=2e-3 * float(want.abs().max()) + 1e-9,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_ghost_mode_says_clearly_that_cdpdnet_is_not_supported():
+    model = tiny_cdpdnet()
+    with pytest.raises(ConfigError, match="ghost .*fast"):
+        _one_dp_step(model, _volume_dataset(2, 1), PartialLabelLoss("masked"), "ghost", 1.0)
+
+
+def test_per_sample_mean_decomposes_a_batch_coupled_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 5, 5)
+    target = (torch.rand(3, 4, 5, 5) > 0.5).float()
+    annotated = torch.tensor([[1.0, 1, 0, 0]] * 3)
+    coupled = PartialLabelLoss("masked", batch_dice=True)
+    wrapped = PerSampleMean(coupled)
+    single = [PartialLabelLoss("masked", batch_dice=False)(logits[i:i + 1], target[i:i + 1], annotated[i:i + 1])
+              for i in range(3)]
+    torch.testing.assert_close(wrapped(logits, target, annotated), torch.stack(single).mean())
+    assert not torch.allclose(coupled(logits, target, annotated), torch.stack(single).mean())
+    assert wrapped(logits[:0], target[:0], annotated[:0]).item() == 0.0
+
+
+# ----------------------------------------------------------------------------- accounting
+def _analytic_gaussian_rdp_epsilon(sigma: float, steps: int, delta: float) -> float:
+    """Independent: RDP of the full-batch Gaussian mechanism, alpha*T/(2 sigma^2), and the RDP->DP conversion of
+    Balle et al. 2020 (Opacus' conversion), minimised over Opacus' default orders."""
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    best = math.inf
+    for a in orders:
+        rdp = a * steps / (2 * sigma ** 2)
+        eps = rdp + math.log1p(-1 / a) - (math.log(delta) + math.log(a)) / (a - 1)
+        best = min(best, eps)
+    return best
+
+
+def test_epsilon_matches_independent_computations():
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    history = [[1.1, 0.25, 5], [1.1, 0.25, 5], [0.9, 0.5, 3]]
+    for sigma, q, steps in history:  # the accountant fed step by step, as Opacus' optimizer hook would
+        for _ in range(steps):
+            acc.step(noise_multiplier=sigma, sample_rate=q)
+    assert epsilon_for(history, 1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    assert epsilon_for([[2.0, 1.0, 10]], 1e-5) == pytest.approx(_analytic_gaussian_rdp_epsilon(2.0, 10, 1e-5),
+                                                                rel=1e-6)
+    prv = epsilon_for(history, 1e-5, "prv")
+    assert 0 < prv <= epsilon_for(history, 1e-5) * 1.01  # PRV is the tighter accountant
+    assert epsilon_for([], 1e-5) == 0.0
+
+
+def test_planned_noise_reaches_the_target_for_the_planned_steps():
+    from opacus.accountants.utils import get_noise_multiplier
+
+    sigma = plan_noise_multiplier(4.0, 1e-5, 0.5, 30)
+    assert sigma == pytest.approx(get_noise_multiplier(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.5,
+                                                       steps=30, epsilon_tolerance=0.01))
+    assert 3.95 <= epsilon_for([[sigma, 0.5, 30]], 1e-5) <= 4.0
+    # with history (a re-plan): the remaining steps fit what is left of the budget
+    past = [[1.5, 0.5, 10]]
+    sigma2 = plan_noise_multiplier(4.0, 1e-5, 0.5, 20, history=past)
+    assert 3.9 <= epsilon_for(past + [[sigma2, 0.5, 20]], 1e-5) <= 4.0
+    with pytest.raises(FedTextSegError, match="whole budget"):
+        plan_noise_multiplier(0.5, 1e-5, 0.5, 20, history=[[0.5, 1.0, 50]])
+
+
+def test_ledger_persists_and_refuses_silent_resets(tmp_path):
+    led = SiteLedger.open("run-1", "hospital a", ledger_dir=tmp_path)
+    led.record_round(1, 1.0, 0.5, 4)
+    led.save()
+    again = SiteLedger.open("run-1", "hospital a", ledger_dir=tmp_path)  # e.g. a fresh ClientApp process
+    assert again.history == [[1.0, 0.5, 4]] and again.epsilon() == pytest.approx(led.epsilon())
+    assert SiteLedger.open("run-2", "hospital a", ledger_dir=tmp_path).history == []  # another run's ledger
+    with pytest.raises(FedTextSegError, match="accountant"):
+        SiteLedger.open("run-1", "hospital a", accountant="prv", ledger_dir=tmp_path)
+    again.path.write_text("{not json")
+    with pytest.raises(FedTextSegError, match="not reset"):
+        SiteLedger.open("run-1", "hospital a", ledger_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------- settings
+def test_settings_precedence_and_site_budgets():
+    run = {"enabled": False, "target_delta": 1e-5, "max_grad_norm": 1.0}
+    assert not resolve_settings(run).enabled
+    s = resolve_settings(run, {"target_epsilon": 3.0}, site_name="b")  # a site turns DP on for itself
+    assert s.enabled and s.target_epsilon == 3.0 and s.planned and s.source["target_epsilon"] == "site.yaml"
+    s = resolve_settings({**run, "enabled": True, "noise_multiplier": 1.2, "target_epsilon": 8.0},
+                         {"target_epsilon": 2.0}, {"privacy-max-grad-norm": "0.5", "privacy-delta": "1e-6"})
+    assert s.noise_multiplier is None and s.target_epsilon == 2.0  # the site's target beats a run-level sigma
+    assert s.max_grad_norm == 0.5 and s.target_delta == 1e-6 and s.source["max_grad_norm"] == "node-config"
+    s = resolve_settings({**run, "enabled": True, "target_epsilon": 8.0}, None,
+                         {"privacy-noise-multiplier": 2.0})
+    assert s.noise_multiplier == 2.0 and s.target_epsilon == 8.0  # fixed noise, the target caps the spending
+    assert not s.report_train_loss and resolve_settings(run).report_train_loss
+    with pytest.raises(ConfigError, match="needs a budget"):
+        resolve_settings({"enabled": True})
+    with pytest.raises(ConfigError, match="unknown key"):
+        resolve_settings(run, {"epsilon": 1.0}, site_name="b")
+    with pytest.raises(ConfigError, match="noise_multiplier must be > 0"):
+        resolve_settings({"enabled": True}, {"noise_multiplier": 0})
+    with pytest.raises(ConfigError, match="target_delta"):
+        resolve_settings({"enabled": True, "target_epsilon": 1.0, "target_delta": 2})
+
+
+def test_screen_eval_summary_suppresses_small_samples_and_rounds():
+    cfg = {"privacy": {"min_samples_for_metrics": 3, "metric_decimals": 2}}
+    summary = {"liver": {"dice": 0.876543, "hd95": float("nan")}}
+    assert screen_eval_summary(cfg, summary, 2) == {}
+    assert screen_eval_summary(cfg, summary, 3)["liver"]["dice"] == 0.88
+    assert screen_eval_summary({}, summary, 1)["liver"]["dice"] == 0.876543
+
+
+# ----------------------------------------------------------------------------- a site's private rounds
+class _Toy(nn.Module):
+    """A tiny engine-contract model: logits [B, 3, 4] from a 6-feature image."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 12)
+        self.frozen = nn.Linear(6, 6).requires_grad_(False)
+
+    def forward_batch(self, batch):
+        return {"logits": self.lin(self.frozen(batch["image"])).reshape(-1, 3, 4)}
+
+
+def _toy_runner(n_volumes: int = 8, batch_size: int = 2):
+    g = torch.Generator().manual_seed(0)
+    ds = [{"image": torch.randn(6, generator=g), "label": (torch.rand(3, 4, generator=g) > 0.5).float(),
+           "annotated": torch.tensor([1.0, 1.0, 0.0]), "case_id": f"c{i}"} for i in range(n_volumes)]
+    cfg = SimpleNamespace(train=SimpleNamespace(batch_size=batch_size))
+    return SimpleNamespace(model=_Toy(), data=SimpleNamespace(train_ds=ds), cfg=cfg)
+
+
+def _round(privacy: SitePrivacy, runner, round_: int, total: int, steps: int = 3):
+    model = runner.model
+    kwargs = dict(loss_fn=PartialLabelLoss("masked"), steps=steps, device="cpu", precision="fp32", grad_clip=1.0,
+                  prox_mu=0.0, prox_reference=None, teacher=None, distill_fn=None, distill_weight=0.0, log_every=0,
+                  label="toy", optimizer=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+    return privacy.train_round(runner, round_=round_, total_rounds=total, train_kwargs=kwargs)
+
+
+def _site_privacy(tmp_path, run_key="run-x", site="toy", **privacy):
+    s = resolve_settings({"enabled": True, "ledger_dir": str(tmp_path), **privacy}, train_batch_size=2,
+                         site_name=site)
+    return SitePrivacy(s, site, run_key)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_cumulative_epsilon_grows_monotonically_and_matches_an_independent_accountant(tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    runner = _toy_runner()
+    eps, acc = [], RDPAccountant()
+    for round_ in (1, 2, 3):
+        privacy = _site_privacy(tmp_path, target_epsilon=20.0)  # a fresh object each round: the ledger is on disk
+        stats = _round(privacy, runner, round_, 3)
+        m = stats.as_metrics()
+        assert m["privacy/declined"] == 0 and "train_loss" not in m  # the private loss is not reported
+        for _ in range(3):
+            acc.step(noise_multiplier=m["privacy/noise_multiplier"], sample_rate=m["privacy/sample_rate"])
+        assert m["privacy/epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+        assert m["privacy/steps"] == 3 * round_ and m["privacy/sample_rate"] == pytest.approx(2 / 8)
+        eps.append(m["privacy/epsilon"])
+    assert eps[0] < eps[1] < eps[2] <= 20.0  # planned for 3 rounds x 3 steps: the budget is used, not exceeded
+    assert eps[2] > 19.5
+    led = json.loads((tmp_path / "run-x" / "toy.json").read_text())
+    assert [r["status"] for r in led["rounds"]] == ["done"] * 3 and led["epsilon"] == pytest.approx(eps[2])
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_a_site_declines_instead_of_overspending(tmp_path):
+    runner = _toy_runner()
+    privacy = _site_privacy(tmp_path, target_epsilon=6.0, noise_multiplier=1.0)  # fixed noise, budget caps it
+    spent = []
+    for round_ in range(1, 6):
+        before = {n: p.detach().clone() for n, p in runner.model.named_parameters()}
+        m = _round(privacy, runner, round_, 5).as_metrics()
+        spent.append(m["privacy/epsilon"])
+        assert m["privacy/epsilon"] <= 6.0
+        if m["privacy/declined"]:
+            assert m["train_steps"] == 0 and m["privacy/epsilon_if_trained"] > 6.0
+            assert all(torch.equal(p, before[n]) for n, p in runner.model.named_parameters())  # nothing trained
+    declined_from = next(i for i, e in enumerate(spent) if i and e == spent[i - 1])
+    assert 1 <= declined_from < 4 and spent[declined_from:] == [spent[declined_from]] * (5 - declined_from)
+    ledger = privacy.ledger()
+    with pytest.raises(BudgetExhaustedError, match="budget exhausted.*declines"):
+        ledger.check(1.0, 0.25, 3, 6.0)
+    assert sum(r["declined"] for r in ledger.rounds) == 5 - declined_from
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_empty_poisson_batches_still_add_noise(tmp_path):
+    runner = _toy_runner(n_volumes=8)
+    privacy = _site_privacy(tmp_path, noise_multiplier=1.0, expected_batch_size=1)
+    privacy.settings.expected_batch_size = 1
+    before = runner.model.lin.weight.detach().clone()
+    with torch.no_grad():  # a sampling rate so small that every batch is empty
+        m = _round(privacy, runner, 1, 1, steps=2).as_metrics()
+    assert m["privacy/sample_rate"] == pytest.approx(1 / 8)
+    assert not torch.equal(runner.model.lin.weight, before)  # noise only, but a step all the same
+
+
+# ----------------------------------------------------------------------------- the server's side
+def _update(node, metrics, n=4, value=1.0, arrays=None):
+    from fedtextseg.federation.aggregation import SiteUpdate
+
+    return SiteUpdate(node, arrays or {"w": np.full((2,), value, np.float32), "rows": np.full((3, 2), value,
+                                                                                             np.float32)},
+                      n, np.array([True, True, False]), metrics)
+
+
+def _privacy_metrics(eps, declined=False, would=None):
+    return {"privacy/epsilon": eps, "privacy/delta": 1e-5, "privacy/noise_multiplier": 1.0, "privacy/steps": 6.0,
+            "privacy/rounds": 2.0, "privacy/target_epsilon": 3.0, "privacy/declined": 1.0 if declined else 0.0,
+            "privacy/epsilon_if_trained": would if would is not None else eps, "privacy/sample_rate": 0.25,
+            "privacy/max_grad_norm": 1.0}
+
+
+def test_split_declined_and_ledger_file(tmp_path):
+    from fedtextseg.privacy import record_privacy
+    from fedtextseg.tracking import RunRecorder
+
+    a = _update("a", _privacy_metrics(1.5))
+    b = _update("b", _privacy_metrics(2.9, declined=True, would=3.4), n=0)
+    c = _update("c", {"train_steps": 3.0})  # no DP at this site
+    keep, declined = split_declined([a, b, c])
+    assert [u.node for u in keep] == ["a", "c"] and "budget exhausted" in declined["b"] and "3.4" in declined["b"]
+    rec = RunRecorder(tmp_path / "run")
+    rows = record_privacy(rec, 1, [a, b, c])
+    assert [(r["site"], r["declined"]) for r in rows] == [("a", False), ("b", True)]
+    ledger = json.loads((tmp_path / "run" / "privacy.json").read_text())
+    assert ledger["sites"]["b"]["budget_exhausted"] and ledger["sites"]["a"]["epsilon"] == 1.5
+    assert write_privacy_ledger(tmp_path / "run").name == "privacy.json"
+
+
+@pytest.fixture(scope="module")
+def coordinator_factory(tmp_path_factory):
+    from fedtextseg.config import compose_config
+    from fedtextseg.federation.coordinator import Coordinator
+
+    root = tmp_path_factory.mktemp("coord")
+
+    def make(name, *extra):
+        cfg = compose_config("demo", [f"data.root={root / 'data'}", "federation.rounds=2", "federation.min_sites=1",
+                                      "privacy=dp", *extra])
+        return Coordinator(cfg, root / name, log_fn=lambda *_: None)
+
+    return make
+
+
+def test_budget_exhaustion_stops_a_site_not_the_run(coordinator_factory):
+    """Fake replies: site b declines (global arrays back, 0 examples, privacy/declined=1); a alone is aggregated,
+    also under equal weighting (where b's 0 examples would not have kept it out), and the run goes on."""
+    coord = coordinator_factory("run-decline", "federation.weighting=equal")
+    key = coord.round_config(1)["run-key"]
+    assert key.startswith("run-decline-") and coord.round_config(2)["run-key"] == key
+    g = coord.global_arrays
+    delta = {k: (v + 0.5).astype(v.dtype) for k, v in g.items()}
+    a = _update("a", {"train_steps": 3.0, **_privacy_metrics(1.5)}, arrays=delta)
+    b = _update("b", _privacy_metrics(2.9, declined=True, would=3.4), n=0, arrays={k: v.copy() for k, v in g.items()})
+    for u in (a, b):
+        u.annotated = np.ones(len(coord.bank.class_names), bool)
+    outcome = coord.finish_train_round(1, [a, b], {})
+    assert outcome["aggregated"] and outcome["sites"] == ["a"] and "budget exhausted" in outcome["excluded"]["b"]
+    for k in coord.groups.shared:
+        np.testing.assert_allclose(coord.global_arrays[k], delta[k], rtol=1e-6)  # b's copy did not dilute a
+    rows = [json.loads(x) for x in (coord.recorder.run_dir / "metrics.jsonl").read_text().splitlines()]
+    privacy = [r for r in rows if r["kind"] == "privacy"]
+    assert {(r["site"], r["declined"]) for r in privacy} == {("a", False), ("b", True)}
+    assert {"round", "site", "epsilon", "delta", "noise_multiplier", "steps", "declined"} <= set(privacy[0])
+    failure = next(r for r in rows if r["kind"] == "failure")
+    assert failure["site"] == "b" and "budget exhausted" in failure["reason"]
+    ledger = json.loads((coord.recorder.run_dir / "privacy.json").read_text())
+    assert ledger["run_key"] == key and ledger["sites"]["b"]["budget_exhausted"]
+    outcome2 = coord.finish_train_round(2, [b], {})  # every site declined: the global model stays, no crash
+    assert not outcome2["aggregated"]
