@@ -11,6 +11,12 @@ one key per vocabulary class (with a ``has/`` flag), so every site's reply carri
 
 from __future__ import annotations
 
+import os as _os
+from pathlib import Path as _Path
+
+# the configs travel inside the Flower app bundle, next to this package
+_os.environ.setdefault("FEDTEXTSEG_CONFIGS", str(_Path(__file__).resolve().parent.parent / "configs"))
+
 import logging
 import os
 import re
@@ -26,13 +32,16 @@ from fedtextseg.federation.frozen import FrozenCache
 from fedtextseg.flower_adapter import (eval_reply_content, missing_frozen_error, receive_frozen, record_nbytes,
                                        record_to_arrays, record_to_config, site_reply_content)
 from fedtextseg.federation.frozen import MISSING_FROZEN
+from client.secure import is_secure_train, prepare_reply, secure_aggregation_mod, secure_train
 from fedtextseg.privacy.audit import message_audit_mod
 from fedtextseg.privacy.site import SitePrivacy, screen_eval_summary
 from fedtextseg.runtime import SiteRunner, build_model
 from fedtextseg.sites import resolve_site_path
 from fedtextseg.config import compose_config
 
-app = ClientApp(mods=[message_audit_mod])  # every reply is checked against the allow-list (fedtextseg.privacy.audit)
+# every reply is checked against the allow-list (fedtextseg.privacy.audit), as sent: SecAgg+ messages go through
+# Flower's secaggplus_mod (client/secure.py) inside it, so the audit sees the masked reply
+app = ClientApp(mods=[message_audit_mod, secure_aggregation_mod])
 log = logging.getLogger("fedtextseg.client")
 _lib_log = logging.getLogger("fedtextseg")
 if not _lib_log.handlers:  # per-step progress lines of local training reach the SuperNode's / simulation's log
@@ -116,6 +125,8 @@ def _error_reply(msg: Message, exc: Exception) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if is_secure_train(msg):  # SecAgg+ "collect" stage: train as below, reply with the encoded update to be masked
+        return secure_train(msg, context, train)
     try:
         runner, _ = _runner(msg, context)
     except Exception as exc:  # a missing frozen bundle is answered, anything else is a real failure
@@ -137,6 +148,15 @@ def train(msg: Message, context: Context) -> Message:
     log.info("[%s] round %s: %d steps, loss %.4f, reply %.2f MB", runner.site.name, conf["round"], stats.steps,
              stats.loss, record_nbytes(content) / 1e6)
     return Message(content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """SecAgg+ round preparation (server/secure.py): the frozen parts into the local cache, the site's metadata back."""
+    try:
+        return prepare_reply(msg, context, _config(context))
+    except Exception as exc:
+        return _error_reply(msg, exc)
 
 
 @app.evaluate()

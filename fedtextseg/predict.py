@@ -81,9 +81,8 @@ def _untraced(image: torch.Tensor) -> torch.Tensor:
         if isinstance(obj, dict):
             if TraceKeys.ID in obj:
                 obj[TraceKeys.ID] = TraceKeys.NONE
-            for v in obj.values():
-                reset(v)
-        elif isinstance(obj, (list, tuple)):
+            obj = list(obj.values())
+        if isinstance(obj, (list, tuple)):
             for v in obj:
                 reset(v)
 
@@ -105,10 +104,6 @@ class CasePrediction:
     planes: np.ndarray  # int32 [P, *input shape]
     multilabel: np.ndarray | None  # uint8/uint16 [*input shape]
     affine: np.ndarray
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.planes.shape[1:])
 
     @property
     def voxel_ml(self) -> float:
@@ -345,15 +340,19 @@ def predict_batch(predictor: Predictor, inputs: Iterable[str | Path], out_dir: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files, problems = collect_inputs(inputs)
-    result = BatchResult(failed=dict(problems))
+    result = BatchResult()
+
+    def fail(path: Any, msg: str) -> None:
+        result.failed[str(path)] = msg
+        err_fn(f"fedtextseg predict: error: {msg}")
+
     for path, why in problems.items():
-        err_fn(f"fedtextseg predict: error: {path}: {why}")
+        fail(path, f"{path}: {why}")
     seen: dict[str, Path] = {}
     for n, path in enumerate(files, 1):
         case = _case_id(path)
         if case in seen:
-            result.failed[str(path)] = f"same case name {case!r} as {seen[case]}"
-            err_fn(f"fedtextseg predict: error: {path}: same case name {case!r} as {seen[case]}; rename one")
+            fail(path, f"{path}: same case name {case!r} as {seen[case]}; rename one")
             continue
         seen[case] = path
         log_fn(f"[{n}/{len(files)}] {path.name}: {', '.join(predictor.classes)}")
@@ -363,13 +362,9 @@ def predict_batch(predictor: Predictor, inputs: Iterable[str | Path], out_dir: s
             result.volumes += pred.volumes()
             result.cases.append(case)
         except FedTextSegError as exc:
-            msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-            result.failed[str(path)] = msg
-            err_fn(f"fedtextseg predict: error: {msg}")
+            fail(path, str(exc) if str(path) in str(exc) else f"{path}: {exc}")
         except (RuntimeError, ValueError, OSError, MemoryError) as exc:  # anything else: this input only
-            msg = f"{path}: cannot segment ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-            result.failed[str(path)] = msg
-            err_fn(f"fedtextseg predict: error: {msg}")
+            fail(path, f"{path}: cannot segment ({type(exc).__name__}: {(str(exc) or '?').splitlines()[0]})")
     if multilabel and result.cases:
         result.written += write_legend(predictor, out)
     if result.volumes:
@@ -384,8 +379,8 @@ def predict_batch(predictor: Predictor, inputs: Iterable[str | Path], out_dir: s
 def predict_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedtextseg predict", description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", required=True, help="trained model file (results/<run>/model.pt)")
-    p.add_argument("-i", "--input", nargs="+", required=True, help="NIfTI volume(s) and/or folder(s) of them")
-    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("-i", "--input", nargs="+", help="NIfTI volume(s) and/or folder(s) of them")
+    p.add_argument("-o", "--out", help="output folder")
     p.add_argument("--classes", nargs="+", default=None,
                    help="class names, synonyms or groups (default: every class the federation was trained on)")
     p.add_argument("--task", default=None, help="task prompt (dataset) to condition on (default: the vocabulary's)")
@@ -400,6 +395,8 @@ def predict_main(argv: list[str] | None = None) -> int:
                    help="sliding-window progress bar (default: when stderr is a terminal)")
     p.add_argument("--list-classes", action="store_true", help="print the model's classes and exit")
     args = p.parse_args(argv)
+    if not args.list_classes and not (args.input and args.out):
+        p.error("the following arguments are required: -i/--input, -o/--out")
     if args.no_per_class and not args.multilabel:
         p.error("--no-per-class writes nothing without --multilabel")
     from fedtextseg.model_card import check_model_file
@@ -408,8 +405,8 @@ def predict_main(argv: list[str] | None = None) -> int:
     model, info = load_model_file(check_model_file(args.model))
     if args.list_classes:
         trained = info.get("annotated_by") or {}
-        for c in info["class_names"]:
-            print(f"{c}" + (f"  (annotated by {', '.join(trained[c])})" if c in trained else ""))
+        print("\n".join(c + (f"  (annotated by {', '.join(trained[c])})" if c in trained else "")
+                        for c in info["class_names"]))
         return 0
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     predictor = Predictor(model, info, classes=args.classes, task=args.task, threshold=args.threshold,

@@ -69,7 +69,7 @@ def _fmt(v: Any) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return ""
     if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 1000 else f"{v:,.0f}"
+        return f"{v:.2g}" if 0 < abs(v) < 0.01 else f"{v:.3f}" if abs(v) < 1000 else f"{v:,.0f}"
     if isinstance(v, (list, tuple)):
         return ", ".join(map(str, v))
     return str(v)
@@ -94,6 +94,7 @@ def _dice_section(run: Mapping, classes: list[str]) -> tuple[Section, dict]:
         sec.blocks.append(("p", "No evaluation was recorded in this run."))
         return sec, {}
     sites = list(dict.fromkeys(s for per in table.values() for s in per))
+    sites = sorted(s for s in sites if not s.startswith("unseen:")) + [s for s in sites if s.startswith("unseen:")]
     last = max((r.get("round") or 0) for r in rows if r.get("kind") in ("site_eval", "unseen_eval"))
     body = []
     for c in [c for c in classes if c in table] + [c for c in table if c not in classes]:
@@ -186,10 +187,10 @@ def _traffic(run: Mapping, files: Path) -> Section:
                             for r in rounds], False))
         meta = run["meta"]
         if meta.get("wire_bytes"):
+            frozen = (f"; the frozen common parts ({meta['frozen_bytes'] / 1e6:.2f} MB, hash "
+                      f"{meta.get('frozen_hash', '?')}) are sent once per site" if meta.get("frozen_bytes") else "")
             sec.blocks.append(("p", f"Per site and direction each round: {meta['wire_bytes'] / 1e6:.2f} MB of shared "
-                                    f"and per-class arrays; the frozen common parts "
-                                    f"({(meta.get('frozen_bytes') or 0) / 1e6:.2f} MB, hash "
-                                    f"{meta.get('frozen_hash', '?')}) are sent once per site."))
+                                    f"and per-class arrays{frozen}."))
     else:
         sec.blocks.append(("p", "No communication rounds recorded (a centralized run)."))
     failures = [r for r in run["rows"] if r.get("kind") == "failure"]
@@ -320,11 +321,13 @@ border:1px solid #d4a72c;padding:.5em .8em;border-radius:6px;margin:.5em 0}pre{b
 overflow:auto;font-size:.8em}"""
 
 
-def _cell(value: Any, shade: bool) -> str:
+def _cell(value: Any, shade: bool, plain: bool = False) -> str:
     text = html.escape(_fmt(value))
     try:
         v = float(value)
     except (TypeError, ValueError):
+        return f"<td>{text}</td>"
+    if plain:
         return f"<td>{text}</td>"
     style = f' style="background:rgba(46,160,67,{0.08 + 0.6 * min(max(v, 0), 1):.2f})"' if shade and text else ""
     return f'<td class="num"{style}>{text}</td>'
@@ -341,9 +344,10 @@ def render_html(title: str, sections: Sequence[Section]) -> str:
             elif b[0] == "warn":
                 out.append(f'<p class="warn">&#9888; {html.escape(b[1])}</p>')
             elif b[0] == "table":
-                head = "".join(f"<th>{html.escape(str(h))}</th>" for h in b[1]) if any(b[1]) else ""
-                body = "".join("<tr>" + f"<th>{html.escape(str(r[0]))}</th>" + "".join(_cell(v, b[3]) for v in r[1:])
-                               + "</tr>" for r in b[2])
+                plain = not any(b[1])  # a key-value table: no header, no number alignment
+                head = "" if plain else "".join(f"<th>{html.escape(str(h))}</th>" for h in b[1])
+                body = "".join(f"<tr><th>{html.escape(str(r[0]))}</th>"
+                               + "".join(_cell(v, b[3], plain) for v in r[1:]) + "</tr>" for r in b[2])
                 out.append(f"<table>{'<tr>' + head + '</tr>' if head else ''}{body}</table>")
             elif b[0] == "img":
                 out.append(f'<figure><img src="{html.escape(b[1])}" alt="{html.escape(b[2])}">'

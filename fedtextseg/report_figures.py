@@ -149,7 +149,7 @@ def bytes_per_round(round_rows: Sequence[Mapping], path: Path) -> Path | None:
     ax.set_xticks(x, [str(r["round"]) for r in rows])
     ax.set(xlabel="round", ylabel="MB", title="Server traffic per round (all sites)")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 

@@ -9,6 +9,12 @@ model, evaluate on the unseen hospital, checkpoint. The run ends with a per-clas
 
 from __future__ import annotations
 
+import os as _os
+from pathlib import Path as _Path
+
+# the configs travel inside the Flower app bundle, next to this package
+_os.environ.setdefault("FEDTEXTSEG_CONFIGS", str(_Path(__file__).resolve().parent.parent / "configs"))
+
 import time
 from datetime import datetime
 from pathlib import Path
@@ -70,8 +76,14 @@ def main(grid: Grid, context: Context) -> None:
     _wait_for_nodes(grid, wanted)
     unseen = unseen_site(cfg) if cfg.federation.get("evaluate_unseen", True) else None
 
+    secure = None
+    if str(cfg.get("privacy", {}).get("secure_aggregation") or "none") == "secaggplus":
+        from server.secure import SecureRounds  # Flower's SecAgg+ workflow, round by round (docs/privacy.md)
+
+        secure = SecureRounds(coord, grid, context, timeout)
     for round_ in range(coord.start_round, coord.total_rounds + 1):
-        messages, sent = _messages(coord, grid, round_, MessageType.TRAIN)
+        # with SecAgg+ no plain train message is sent: the training part of the round is secure.train_round below
+        messages, sent = _messages(coord, grid, round_, MessageType.TRAIN) if secure is None else ([], {})
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         updates, failures, sent_by_site, received = [], {}, {}, {}
         for reply in replies:
@@ -91,7 +103,10 @@ def main(grid: Grid, context: Context) -> None:
         missing = len(messages) - len(replies)
         if missing > 0:
             failures["(no reply)"] = f"{missing} node(s) did not answer within {timeout:.0f}s"
-        coord.finish_train_round(round_, updates, failures, sent_by_site, received)
+        if secure is not None:  # SecAgg+: the sites' updates reach the server only as their (weighted) sum
+            secure.train_round(round_)
+        else:
+            coord.finish_train_round(round_, updates, failures, sent_by_site, received)
 
         eval_messages, _ = _messages(coord, grid, round_, MessageType.EVALUATE)
         for reply in grid.send_and_receive(eval_messages, timeout=timeout):

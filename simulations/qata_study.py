@@ -60,9 +60,9 @@ def _overrides(args, out: Path, arm: str) -> str:
     if args.local_steps:
         parts.append(f"train.local_steps={args.local_steps}")
     if args.image_size:
-        parts.append(f"model.kwargs.image_size={args.image_size}")
+        parts.append(f"++model.kwargs.image_size={args.image_size}")
     for k, v in ARMS[arm][1].items():
-        parts.append(f"model.kwargs.{k}={v}")
+        parts.append(f"++model.kwargs.{k}={v}")
     if ARMS[arm][0] == "centralized":
         parts.append("data.unseen=null")  # valid/ is evaluated once, below, like every other arm
     return " ".join(parts + list(args.override))
@@ -109,7 +109,8 @@ def run_arm(arm: str, args, out: Path) -> dict:
     train_seconds, train_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     full = int(sum(t.numel() * t.element_size() for t in model.state_dict().values()))
     counts = model.parameter_counts()
-    row = {"arm": arm, "mode": mode, "description": ARMS[arm][2], "text": model.config.text_mode,
+    row = {"arm": arm, "mode": mode, "model": str(cfg.model.name), "description": ARMS[arm][2],
+           "text": model.config.text_mode,
            "finetune": model.config.finetune, "trainable_params": counts["trainable"], "total_params": counts["total"],
            "clip_trainable": counts["clip_trainable"], "rounds": int(cfg.federation.rounds),
            "local_steps": int(cfg.train.local_steps), "batch_size": int(cfg.train.batch_size),
@@ -127,7 +128,24 @@ def run_arm(arm: str, args, out: Path) -> dict:
     return row
 
 
+def read_rows(path: Path) -> list[dict]:
+    """Rows of an earlier ``qata_results.csv`` with numbers as numbers and empty cells as None."""
+    def parse(v: str):
+        if v == "":
+            return None
+        for cast in (int, float):
+            try:
+                return cast(v)
+            except ValueError:
+                pass
+        return v
+
+    with path.open(newline="") as fh:
+        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
 def _fmt(v, digits=4) -> str:
+    """A table cell: thousands separators for ints, fixed digits for floats, '-' for missing values."""
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -143,24 +161,26 @@ def write_outputs(rows: list[dict], args, out: Path, total_seconds: float) -> No
 
     import torch
 
-    fields = list(rows[0])
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # every key, first-seen order
     with (out / "qata_results.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
     r0 = rows[0]
+    model_name = next((r["model"] for r in rows if r.get("model")), "?")
     head = ("| arm | mode | text | CLIP fine-tuning | trainable params | per-image mean Dice | pooled Dice | "
-            "MB/site/round (each way) | full-model FedAvg MB/site/round | frozen MB (once/site) | train s (wall / CPU) |")
+            "MB/site/round (each way) | full-model FedAvg MB/site/round | frozen MB (once/site) "
+            "| train s (wall / CPU) |")
     lines = [
         f"# QaTa-COV19 study ({args.config} setting)", "",
-        f"Settings: experiment `{EXPERIMENTS[args.config]}`, model `{'tgcnet_small' if args.config == 'cpu' else 'tgcnet_paper'}` at "
+        f"Settings: experiment `{EXPERIMENTS[args.config]}`, model `{model_name}` at "
         f"{r0['image_size']}x{r0['image_size']} px, {r0['rounds']} rounds x {r0['local_steps']} local steps x batch "
         f"{r0['batch_size']} per site (centralized: the same number of steps on the pooled data), 3 hospitals cut "
         f"from QaTa `train/` non-IID by infection extent, seed {args.seed}. Evaluated on "
         f"{r0['valid_images']} images of QaTa `valid/` (never trained on). Device: "
         f"{'cuda ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'} ({os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads), {platform.python_version()}, torch {torch.__version__}. "
-        f"Wall time of the whole study: {total_seconds / 60:.1f} min (CPU time is the process's, all threads: "
+        f"Wall time of this invocation: {total_seconds / 60:.1f} min (CPU time is the process's, all threads: "
         f"on a shared machine wall time also counts other people's jobs).", "",
         "Dice definitions: **per-image mean** = Dice of each valid image, averaged over images; **pooled** = Dice of "
         "all valid pixels together (the TGC-Net paper's 90.5 is pooled; LViT's 83.7 per-image). Both at the model's "
@@ -201,6 +221,7 @@ def write_outputs(rows: list[dict], args, out: Path, total_seconds: float) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments, skip cleanly without the dataset, run the arms, write the report."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(EXPERIMENTS), default="cpu", help="cpu (2 cores) or paper (GPU)")
     p.add_argument("--out", default=str(PROJECT / "results" / "studies" / "qata"))
@@ -210,9 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=None, help="model input size (default: config)")
     p.add_argument("--valid-limit", type=int, default=None, help="evaluate on the first N valid images (default all)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds x 4 steps, 60 valid images")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: all cores on an idle machine, 1 on a busy one: under contention "
+                        "OpenMP threads wait on each other: 2 threads ran ~30x slower than 1 on a busy 2-core box)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="only the per-arm result lines")
+    p.add_argument("--append", action="store_true",
+                   help="keep the other arms' rows of an earlier qata_results.csv in --out (same settings!)")
     p.add_argument("override", nargs="*", help="extra Hydra overrides for every arm, e.g. train.lr=2e-3")
     args = p.parse_args(argv)
     if args.quick:
@@ -230,13 +255,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    busy = os.getloadavg()[0] >= 1.0 if hasattr(os, "getloadavg") else False
+    threads = args.threads or (1 if busy and not torch.cuda.is_available() else os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    print(f"qata_study: {threads} torch thread(s) (load average {os.getloadavg()[0]:.1f}); QaTa-COV19 at {src}")
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     from fedtextseg.config import compose_config
     from fedtextseg.sites import ensure_data
 
     start, rows = time.perf_counter(), []
+    if args.append and (out / "qata_results.csv").is_file():
+        rows = [r for r in read_rows(out / "qata_results.csv") if r["arm"] not in arms]
     ensure_data(compose_config(EXPERIMENTS[args.config], _overrides(args, out, "fed-text")))  # split + valid site
     for arm in arms:
         rows.append(run_arm(arm, args, out))

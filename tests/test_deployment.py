@@ -1,4 +1,4 @@
-"""End-to-end test of the deployment scripts (scripts/deploy): a real SuperLink and SuperNodes on 127.0.0.1.
+"""Tests of the deployment scripts (scripts/deploy), end to end with a real SuperLink and SuperNodes on 127.0.0.1.
 
 ``make_certs.sh`` makes a test CA, the SuperLink's TLS certificate and three SuperNode key pairs;
 ``start_superlink.sh`` starts the SuperLink with TLS and SuperNode authentication; ``configure_cli.py`` points a
@@ -8,8 +8,11 @@ whose key was never registered must be refused. Then one round of the real app r
 <connection> --stream`` on tiny settings, and its ``metrics.jsonl`` must have a train row from each site. The
 server is given an empty data root and no site list, as in a real deployment where the images stay at the sites.
 
-Every process is started in its own process group and stopped (SIGTERM, then SIGKILL) by the fixture. Free
-ports only (bound to port 0), nothing outside 127.0.0.1. Slow (about 2-3 minutes on 2 cores): ``-m slow``.
+Every process is started in its own process group and stopped with all its descendants (SIGTERM, then SIGKILL)
+by the fixture. Free ports only (bound to port 0), nothing outside 127.0.0.1. That test is slow (about 1.5-3.5
+minutes on 2 busy cores: every Flower message starts a fresh ClientApp process): ``-m slow``. The fast tests
+check the scripts' pieces on their own: certificates and keys, the CLI connection file, argument checks, and the
+ClientApp's on-disk local state.
 """
 
 from __future__ import annotations
@@ -25,8 +28,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "scripts" / "deploy"
@@ -66,23 +67,67 @@ class _Processes:
                          for name in self.procs)
 
     def stop_all(self) -> None:
-        for proc, _ in reversed(list(self.procs.values())):
+        """SIGTERM every started process and all its descendants (Flower starts its SuperExec, ServerApp and
+        ClientApp processes in sessions of their own, so killing the process group is not enough), then SIGKILL
+        whatever is left after 15 s."""
+        found = set()
+        for proc, _ in self.procs.values():
             if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+                found.add(proc.pid)
+            found |= _descendants(proc.pid)
+        pids = {pid: _start_time(pid) for pid in found}  # (pid, start time): never signal a recycled pid
+        live = lambda: [pid for pid, started in pids.items() if started and _start_time(pid) == started]
+        for pid in live():
+            _signal(pid, signal.SIGTERM)
         deadline = time.time() + 15
+        while time.time() < deadline and live():
+            time.sleep(0.5)
+        for pid in live():
+            _signal(pid, signal.SIGKILL)
         for proc, _ in self.procs.values():
             try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-            try:  # the whole group: SuperExec and ClientApp/ServerApp children too
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait(timeout=5)
+
+
+def _descendants(pid: int) -> set[int]:
+    """All live descendants of ``pid`` (from ``ps``)."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    children: dict[int, list[int]] = {}
+    for line in out.split("\n"):
+        parts = line.split()
+        if len(parts) == 2:
+            children.setdefault(int(parts[1]), []).append(int(parts[0]))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (identifies it together with the pid); None if it is gone or a zombie."""
+    try:
+        out = subprocess.run(["ps", "-o", "stat=,lstart=", "-p", str(pid)], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not out or out.startswith("Z"):
+        return None
+    return out.split(None, 1)[1] if " " in out else out
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _wait(predicate, timeout: float, what: str, procs: _Processes, interval: float = 1.0):
@@ -100,6 +145,131 @@ def _run(cmd: list[str], env: dict, cwd: Path, timeout: float = 60) -> subproces
                           stdin=subprocess.DEVNULL)
 
 
+def _need(*tools: str) -> None:
+    for tool in tools:
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed: the deployment scripts need it")
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.replace(".py", ""), DEPLOY / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------- fast tests
+def test_make_certs_layout_and_rerun(tmp_path):
+    _need("bash", "openssl")
+    out = tmp_path / "certs"
+    first = _run(["bash", str(DEPLOY / "make_certs.sh"), str(out), "--server-name", "fl.example.org",
+                  "--server-ip", "10.1.2.3", "a", "b"], os.environ.copy(), tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert _run(["openssl", "verify", "-CAfile", str(out / "ca.crt"), str(out / "server.crt")], os.environ.copy(),
+                tmp_path).returncode == 0
+    san = _run(["openssl", "x509", "-in", str(out / "server.crt"), "-noout", "-ext", "subjectAltName"],
+               os.environ.copy(), tmp_path).stdout
+    for name in ("localhost", "127.0.0.1", "fl.example.org", "10.1.2.3"):
+        assert name in san, san
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    for site in ("a", "b"):
+        key = load_ssh_private_key((out / "supernodes" / site / "auth_key").read_bytes(), None)
+        pub = load_ssh_public_key((out / "supernodes" / site / "auth_key.pub").read_bytes())
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        assert pub.public_numbers() == key.public_key().public_numbers()
+        assert (out / "supernodes" / site / "auth_key").stat().st_mode & 0o077 == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = _run(["bash", str(DEPLOY / "make_certs.sh"), str(out), "a", "c"], os.environ.copy(), tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert all(p.read_bytes() == data for p, data in before.items() if p.name != "ca.srl")  # nothing replaced
+    assert (out / "supernodes" / "c" / "auth_key.pub").is_file()
+    bad = _run(["bash", str(DEPLOY / "make_certs.sh"), str(out), "no/slash"], os.environ.copy(), tmp_path)
+    assert bad.returncode != 0 and "bad site name" in bad.stderr
+
+
+def test_configure_cli_keeps_other_connections(tmp_path):
+    cli = _load_script("configure_cli.py")
+    config, ca = tmp_path / "config.toml", tmp_path / "ca.crt"
+    ca.write_text("x")
+    config.write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+                      '[superlink.local.options]\nnum-supernodes = 2\n\n[superlink.fed]\naddress = "old:1"\n')
+    cli.write_connection(config, "fed", "fl.example.org:9092", ca)
+    cli.write_connection(config, "fed", "fl.example.org:9093", ca)
+    import tomllib
+
+    parsed = tomllib.loads(config.read_text())
+    assert parsed["superlink"]["default"] == "local"
+    assert parsed["superlink"]["local"] == {"address": ":local:", "options": {"num-supernodes": 2}}
+    assert parsed["superlink"]["fed"] == {"address": "fl.example.org:9093", "root-certificates": str(ca)}
+    cli.write_connection(config, "fed", "fl.example.org:9093", ca, make_default=True)
+    assert tomllib.loads(config.read_text())["superlink"]["default"] == "fed"
+    fresh = tmp_path / "new" / "config.toml"
+    cli.write_connection(fresh, "fed", "h:1", ca)
+    assert tomllib.loads(fresh.read_text())["superlink"]["default"] == "fed"
+
+
+def test_start_scripts_refuse_missing_inputs(tmp_path):
+    _need("bash")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("FEDTEXTSEG_SUPERLINK", None)
+    link = _run(["bash", str(DEPLOY / "start_superlink.sh"), str(tmp_path)], env, tmp_path)
+    assert link.returncode == 2 and "ca.crt is missing" in link.stderr
+    (tmp_path / "ca.crt").write_text("x")
+    (tmp_path / "auth_key").write_text("x")
+    node = _run(["bash", str(DEPLOY / "start_supernode.sh"), "a", str(tmp_path / "nope"), "--certs",
+                 str(tmp_path)], env, tmp_path)
+    assert node.returncode == 2 and "no SuperLink address" in node.stderr
+    node = _run(["bash", str(DEPLOY / "start_supernode.sh"), "a", str(tmp_path / "nope"), "--certs",
+                 str(tmp_path), "--superlink", "127.0.0.1:1"], env, tmp_path)
+    assert node.returncode == 2 and "does not exist" in node.stderr
+    node = _run(["bash", str(DEPLOY / "start_supernode.sh"), "a", str(tmp_path), "--certs", str(tmp_path),
+                 "--superlink", "127.0.0.1:1"], env, tmp_path)
+    assert node.returncode == 2 and "neither site.yaml nor dataset.json" in node.stderr
+
+
+def test_client_local_state_survives_a_fresh_process(tmp_path, monkeypatch):
+    """Deployment runs each message in a new ClientApp process: ``local`` arrays are kept on disk, per run name."""
+    import types
+
+    import torch
+
+    from client import app as client_app
+    from fedtextseg.params import build_param_groups
+
+    monkeypatch.setenv("FEDTEXTSEG_CACHE", str(tmp_path))
+
+    def runner():
+        model = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1), torch.nn.InstanceNorm3d(2, affine=True))
+        model.param_groups = lambda: build_param_groups(model, frozen_common=lambda n: False, per_class={},
+                                                        local=lambda n: n.startswith("1."))
+        merge = lambda arrays: model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()},
+                                                     strict=False)
+        return types.SimpleNamespace(model=model, site=types.SimpleNamespace(name="site a"), load_global=merge)
+
+    ctx = types.SimpleNamespace(run_id=2**64 - 5, run_config={"run-name": "study/1"})
+    trained = runner()
+    with torch.no_grad():
+        trained.model[1].weight.fill_(3.0)
+    client_app._save_local_state(ctx, trained)
+    assert client_app._local_state_file(ctx, trained).parent.parent == tmp_path / "site-state"
+
+    fresh = runner()  # the next message's process: same run
+    client_app._load_local_state(ctx, fresh)
+    assert torch.equal(fresh.model[1].weight, torch.full((2,), 3.0))
+    other = types.SimpleNamespace(run_id=7, run_config={"run-name": "study/1"})  # a new run reusing the name
+    fresh = runner()
+    client_app._load_local_state(other, fresh)
+    assert torch.equal(fresh.model[1].weight, torch.ones(2))
+    other.run_config["resume"] = True  # ... resuming it continues the local state
+    client_app._load_local_state(other, fresh)
+    assert torch.equal(fresh.model[1].weight, torch.full((2,), 3.0))
+
+
+# ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture
 def processes(tmp_path):
     procs = _Processes(tmp_path)
@@ -109,10 +279,9 @@ def processes(tmp_path):
         procs.stop_all()
 
 
+@pytest.mark.slow
 def test_superlink_tls_supernode_auth_one_round(tmp_path, processes):
-    for tool in ("openssl", "bash"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed: make_certs.sh needs it")
+    _need("openssl", "bash")
     for tool in ("flower-superlink", "flower-supernode", "flwr"):
         if not (BIN / tool).exists():
             pytest.skip(f"{tool} is not installed next to {sys.executable}")
@@ -199,15 +368,16 @@ def test_superlink_tls_supernode_auth_one_round(tmp_path, processes):
     results = tmp_path / "results"
     run_config = (f'experiment="demo" overrides="{OVERRIDES}" data-root="{server_data}" '
                   f'results-dir="{results}" run-name="deploy-test"')
-    remaining = 420.0  # about 1.5-2.5 minutes on 2 busy cores: generous, so a loaded machine does not fail it
+    limit = 420.0  # the run took 2.5-3 minutes on 2 cores at load ~8; generous, so a loaded machine does not fail
     try:
         run = _run(["flwr", "run", str(ROOT), CONNECTION, "--stream", "--run-config", run_config], cli_env, ROOT,
-                   timeout=remaining)
+                   timeout=limit)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"`flwr run` did not finish in {remaining:.0f}s\n{exc.stdout}\n{processes.tails()}")
+        pytest.fail(f"`flwr run` did not finish in {limit:.0f}s\n{exc.stdout}\n{processes.tails()}")
     run_dir = results / "deploy-test"
     assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{processes.tails()}"
     assert (run_dir / "summary.txt").is_file(), f"{run.stdout}\n{run.stderr}\n{processes.tails()}"
+    assert "no site list on the server" in run.stdout + run.stderr  # so it waited for min_sites SuperNodes
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     trained = {r["site"] for r in rows if r.get("kind") == "train"}
     assert trained == set(SITES.values()), rows

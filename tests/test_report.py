@@ -80,9 +80,10 @@ def test_report_of_a_tiny_real_run(tmp_path):
     data = tmp_path / "data"
     generate_hospitals(data, sites=2, cases_per_site=2, seed=0, shape=(32, 32, 32))
     cfg = compose_config("demo", [
-        f"data.root={data}", "data.generate=null", "+model.kwargs.patch_size=[16,16,16]",
-        "data.preprocess.patch_size=[16,16,16]", "federation.rounds=1", "train.local_steps=2", "train.batch_size=1",
-        "train.log_every=0", "eval.max_cases=1", "eval.hd95=false", f"run.results_dir={tmp_path / 'results'}"])
+        f"data.root={data}", "data.generate=null",
+        "data.preprocess.spacing=[12,12,12]",  # the 32^3 synthetic cases span ~11 mm voxels: one 32^3 window each
+        "federation.rounds=1", "train.local_steps=2", "train.batch_size=1", "train.log_every=0", "eval.max_cases=1",
+        "eval.hd95=false", f"run.results_dir={tmp_path / 'results'}"])
     run = train_centralized(cfg, tmp_path / "results" / "tiny", log_fn=lambda m: None)
     paths = build_report(run, overlays=1, device="cpu", log_fn=lambda m: None)
     page, md = check_links(run, paths)

@@ -26,6 +26,7 @@ TINY = ("data.generate.images_per_site=6 data.generate.size=64 data.generate.tes
 
 
 def _cfg(root: Path, extra: str = ""):
+    """The tgcnet_demo experiment shrunk to a few 64x64 images under ``root``."""
     return compose_config("tgcnet_demo", f"data.root={root} {TINY} run.results_dir={root}/results {extra}")
 
 
@@ -47,6 +48,7 @@ def fed(tmp_path_factory):
 
 
 def test_configs_and_data_generation(fed):
+    """data.kind=xray generates the hospitals + federation.yaml once; the QaTa experiments compose."""
     cfg, root = fed["cfg"], fed["root"]
     assert not uses_text_bank(cfg) and cfg.data.kind == "xray" and cfg.data.vocabulary == "chest-xray"
     assert [p.name for p in fed["sites"]] == ["hospital-0", "hospital-1", "hospital-2"]
@@ -60,6 +62,7 @@ def test_configs_and_data_generation(fed):
 
 
 def test_names_only_bank_and_provided_switch(fed):
+    """No text encoder for TGC-Net; frozen CLIP in the bundle, the rest on the wire."""
     bank = fed["bank"]
     assert bank.class_names == ["lung infection", "right lung", "left lung"] and bank.encoder["kind"] == "none"
     assert provided_weights("tgcnet_tiny", {"lora_r": 2}) == {"lora_r": 2, "pretrained": "provided"}
@@ -74,6 +77,7 @@ def test_names_only_bank_and_provided_switch(fed):
 
 
 def test_site_model_takes_the_servers_frozen_weights(fed):
+    """A site builds the towers with pretrained='provided' and takes the server's arrays."""
     site = build_model(fed["cfg"], frozen=fed["frozen"], meta=fed["meta"])
     assert site.provenance["loaded_by"].startswith("the caller")
     state = site.state_dict()
@@ -83,6 +87,7 @@ def test_site_model_takes_the_servers_frozen_weights(fed):
 
 
 def test_site_runner_trains_one_round_and_evaluates(fed):
+    """SiteRunner's 2D branch: deterministic split, one local round, per-class Dice."""
     torch.manual_seed(0)
     runner = SiteRunner(fed["cfg"], fed["sites"][0], build_model(fed["cfg"], frozen=fed["frozen"], meta=fed["meta"]))
     runner.load_global(fed["wire"])
@@ -106,6 +111,7 @@ def test_site_runner_trains_one_round_and_evaluates(fed):
 
 
 def test_model_file_round_trip(fed, tmp_path):
+    """load_model_file rebuilds TGC-Net (no CLIP weights looked up) with identical outputs."""
     from fedtextseg.model_file import load_model_file, save_model_file
 
     model = fed["server"].eval()
@@ -119,6 +125,7 @@ def test_model_file_round_trip(fed, tmp_path):
 
 
 def _fake_qata(root: Path, n_train: int = 9, n_valid: int = 3) -> Path:
+    """A miniature QaTa-COV19 folder (train/valid PNGs + CSVs) under ``root``."""
     rng = np.random.default_rng(0)
     for split, n in (("train", n_train), ("valid", n_valid)):
         (root / split).mkdir(parents=True)
@@ -139,6 +146,7 @@ def _fake_qata(root: Path, n_train: int = 9, n_valid: int = 3) -> Path:
 
 
 def test_qata_kind_splits_and_holds_out_valid(tmp_path):
+    """data.kind=qata: 3 hospitals from train/, valid/ as the unseen site; absent data fails clearly."""
     source = _fake_qata(tmp_path / "qata-src")
     cfg = compose_config("tgcnet_qata", f"data.root={tmp_path}/qata data.generate.source={source}")
     sites = ensure_data(cfg, log_fn=lambda *_: None)
@@ -153,3 +161,16 @@ def test_qata_kind_splits_and_holds_out_valid(tmp_path):
     missing = compose_config("tgcnet_qata", f"data.root={tmp_path}/none data.generate.source={tmp_path}/absent")
     with pytest.raises(SiteError, match="QaTa-COV19 not found"):
         ensure_data(missing, log_fn=lambda *_: None)
+
+
+def test_qata_study_skips_cleanly_without_the_dataset(tmp_path, monkeypatch, capsys):
+    """The study exits 0 with a message (and writes nothing) when the QaTa-COV19 folder is absent."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "simulations" / "qata_study.py"
+    spec = importlib.util.spec_from_file_location("qata_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    monkeypatch.setenv("FEDTEXTSEG_QATA", str(tmp_path / "absent"))
+    assert study.main(["--out", str(tmp_path / "out")]) == 0
+    assert "skipped: QaTa-COV19 not found" in capsys.readouterr().out and not (tmp_path / "out").exists()

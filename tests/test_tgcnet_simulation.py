@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_flower_simulation_3_sites_2_rounds(tmp_path, monkeypatch):
+    """flwr run: 3 sites x 2 rounds trained, and round 2 sent fewer bytes than round 1."""
     from fedtextseg.simulate import simulate_main
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
@@ -38,6 +39,7 @@ def test_flower_simulation_3_sites_2_rounds(tmp_path, monkeypatch):
     assert 0 < rounds[2]["bytes_sent"] < rounds[1]["bytes_sent"]  # frozen CLIP sent once
     meta = json.loads((run_dir / "metadata.json").read_text())
     assert meta["frozen_bytes"] > 0 and meta["wire_bytes"] > 0
+    assert meta["full_model_bytes"] == meta["wire_bytes"] + meta["frozen_bytes"]  # nothing local in TGC-Net
     per_site_round1 = rounds[1]["bytes_sent"] / 3
     assert per_site_round1 > meta["frozen_bytes"]  # round 1 carried the bundle to each site
     assert rounds[2]["bytes_sent"] / 3 < meta["wire_bytes"] * 1.1  # round 2: only the shared arrays (+ config)

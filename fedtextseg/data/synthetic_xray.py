@@ -90,6 +90,7 @@ def parse_qata_caption(caption: str) -> set[tuple[str, str]]:
 
 
 def _ellipse(yy, xx, cy, cx, ry, rx):
+    """Boolean mask of the ellipse centred at (cy, cx) with radii (ry, rx) on a normalised grid."""
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
 
 
@@ -181,6 +182,7 @@ def _n_decoys(rng: np.random.Generator, n_infected: int, max_decoys: int) -> int
 
 
 def _write_site(folder: Path, name: str, samples: list[tuple[str, XraySample]]) -> None:
+    """Write one synthetic site: PNG images and masks, train.csv and site.yaml."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "masks").mkdir(parents=True, exist_ok=True)
     with (folder / "train.csv").open("w", newline="") as fh:
@@ -329,6 +331,7 @@ def write_federation_file(out_dir: str | Path, sites: list[Path], unseen: Path |
     out = Path(out_dir)
 
     def entry(p: Path) -> dict:
+        """The federation.yaml entry of a site folder (path relative to the federation root where possible)."""
         return {"name": p.name, "path": str(Path(p).relative_to(out)) if Path(p).is_relative_to(out) else str(p)}
 
     fed = {"name": info.pop("name", out.name), **info, "vocabulary": "chest-xray",
@@ -350,7 +353,8 @@ def prepare_xray_federation(kind: str, root: str | Path, gen, *, unseen: str | N
     root = Path(root).expanduser()
     get = (lambda k, d=None: gen.get(k, d)) if hasattr(gen, "get") else (lambda k, d=None: d)
     if kind == "xray":
-        n, per, size, seed = int(get("sites", 3)), int(get("images_per_site", 40)), int(get("size", 128)), int(get("seed", 0))
+        n, per = int(get("sites", 3)), int(get("images_per_site", 40))
+        size, seed = int(get("size", 128)), int(get("seed", 0))
         test = int(get("test_images", 0) or 0) if unseen else 0
         log_fn(f"generating synthetic chest X-ray hospitals in {root} ({n} sites x {per} images, {size}x{size}, "
                f"seed {seed}{f', unseen test site of {test} images' if test else ''}) ...")

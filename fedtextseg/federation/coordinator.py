@@ -72,14 +72,16 @@ class Coordinator:
         if resume:
             self._resume()
         wire_bytes = int(sum(a.nbytes for a in self.global_arrays.values()))
-        self.recorder.update_metadata(
+        full_bytes = int(sum(t.numel() * t.element_size() for t in state.values()))  # full-model FedAvg, per round
+        self.recorder.update_metadata(full_model_bytes=full_bytes,
             experiment=cfg.run.experiment, provenance=self.model.provenance, text_bank=self.bank.provenance(),
             frozen_hash=self.frozen.content_hash, frozen_bytes=self.frozen.nbytes, wire_bytes=wire_bytes,
             params=count_params(self.model, self.groups), environment=environment_info(),
         )
         self.log_fn(
             f"fedtextseg: {cfg.model.name} with {len(self.wire_names)} wire tensors ({wire_bytes / 1e6:.2f} MB/round "
-            f"each way per site), frozen common parts {self.frozen.nbytes / 1e6:.2f} MB sent once per site "
+            f"each way per site; full-model FedAvg: {full_bytes / 1e6:.2f} MB), frozen common parts "
+            f"{self.frozen.nbytes / 1e6:.2f} MB sent once per site "
             f"(hash {self.frozen.content_hash}); text bank: {self.bank.encoder.get('kind')} "
             f"{self.bank.encoder.get('model') or ''} {self.bank.encoder.get('fallback_reason') or ''}".rstrip()
         )

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from typing import Any
@@ -43,6 +44,8 @@ class PlainAttention(nn.Module):
             self.out_proj.load_state_dict(mha.out_proj.state_dict())
 
     def forward(self, q_x, k_x=None, v_x=None, need_weights=False, attn_mask=None):
+        """Attention of ``q_x`` over ``k_x``/``v_x`` (default: self-attention); returns ``(out, None)`` like
+        ``nn.MultiheadAttention``."""
         k_x = q_x if k_x is None else k_x
         v_x = q_x if v_x is None else v_x
         b, n, d = q_x.shape
@@ -63,6 +66,7 @@ class TextTower(nn.Module):
         self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
 
     def forward(self, ids: Tensor) -> Tensor:
+        """Token ids [B, L] -> token features [B, L, width] (causal)."""
         x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
         return self.ln_final(self.transformer(x, attn_mask=self.attn_mask[: ids.shape[1], : ids.shape[1]]))
 
@@ -81,6 +85,30 @@ class ClipTowers(nn.Module):
         for blk in list(self.modules()):
             if isinstance(getattr(blk, "attn", None), nn.MultiheadAttention):
                 blk.attn = PlainAttention(blk.attn)
+
+
+class _DropRandomInitNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded" record (logged on the root logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init(active: bool):
+    """While building a model whose weights the caller provides, hide open_clip's random-init notice."""
+    if not active:
+        yield
+        return
+    filt, root = _DropRandomInitNotice(), logging.getLogger()
+    handlers = [root, *root.handlers]
+    for h in handlers:
+        h.addFilter(filt)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(filt)
 
 
 def build_clip(cfg: Any) -> tuple[nn.Module, dict]:
@@ -121,8 +149,9 @@ def build_clip(cfg: Any) -> tuple[nn.Module, dict]:
                 warnings.warn(msg, PretrainedWeightsWarning, stacklevel=3)
                 log.warning(msg)
                 prov["reason"] = exc.missing
-        clip = open_clip.create_model(cfg.clip_model, pretrained=weights["path"], force_image_size=cfg.image_size,
-                                      force_quick_gelu=weights["quick_gelu"], pretrained_text=False)
+        with _quiet_random_init(provided):  # "provided": open_clip's "no pretrained weights" line would mislead
+            clip = open_clip.create_model(cfg.clip_model, pretrained=weights["path"], force_image_size=cfg.image_size,
+                                          force_quick_gelu=weights["quick_gelu"], pretrained_text=False)
     if provided:
         prov.update(clip_weights=PROVIDED, pretrained=None, loaded_by="the caller (frozen bundle or model file)")
         return clip, prov

@@ -20,6 +20,11 @@ Our design after Lin et al. 2025 (REFERENCE.md section 4; the paper publishes no
 No BatchNorm, no ``nn.MultiheadAttention``. ``text_mode="none"`` is the image-only ablation: same network without
 the text tower and the two cross-attentions. With DP-SGD set ``align_weight=0`` (the contrastive term couples the
 samples of a batch). Named configs: ``tgcnet_tiny`` (tests), ``tgcnet_small`` (CPU), ``tgcnet_paper`` (ViT-B/16).
+
+Federation (``param_groups``): the frozen CLIP weights are ``frozen_common`` (sent once per site by content hash; a
+site builds the towers with ``pretrained="provided"`` and never loads CLIP weights itself); LoRA adapters, CNN,
+adapters, fusion, calibration, text projection and decoder are ``shared``; the head's class rows are ``per_class``.
+The CLIP parts live in ``clip_towers.py``, the 2D blocks in ``tgcnet_blocks.py``.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ class TGCNetConfig:
     extra: dict = field(default_factory=dict)  # free-form notes kept with the config
 
     def check(self) -> None:
+        """Raise :class:`ConfigError` for inconsistent options."""
         if self.text_mode not in ("report", "none"):
             raise ConfigError(f"tgcnet: text_mode must be 'report' or 'none', got {self.text_mode!r}")
         if self.finetune not in ("lora", "full", "frozen"):
@@ -166,10 +172,12 @@ class TGCNet(nn.Module):
 
     @property
     def towers(self) -> ClipTowers:
+        """The CLIP towers themselves (inside peft's wrapper when LoRA is on)."""
         return self.clip.base_model.model if self.config.finetune == "lora" else self.clip
 
     # ------------------------------------------------------------------ encoders
     def _vit_tokens(self, rgb: Tensor) -> tuple[list[Tensor], tuple[int, int]]:
+        """Patch tokens of the tapped ViT blocks (class token dropped) and the token grid (h, w)."""
         v = self.towers.visual
         x = v.conv1(rgb)
         grid = tuple(x.shape[-2:])
@@ -189,6 +197,7 @@ class TGCNet(nn.Module):
         return [taken[i] for i in self.config.vit_layers], grid
 
     def _texts(self, captions: Sequence[str | None] | None, task: Tensor | None, b: int) -> list[str]:
+        """One text per image: its report, or the site's task prompt where the report is missing."""
         if captions is not None and len(captions) != b:
             raise ValueError(f"tgcnet: {len(captions)} captions for a batch of {b} images")
         prompts = self.vocabulary.task_prompts()
@@ -251,6 +260,7 @@ class TGCNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, image: Tensor, task: Tensor | None = None, captions: Sequence[str] | None = None) -> dict:
+        """Logits [B, C, H, W] at the input size and the alignment ``aux_loss`` (0 without text)."""
         if image.dim() != 4 or image.shape[1] not in (1, 3):
             raise ValueError(f"tgcnet expects images [B, 1 or 3, H, W], got {tuple(image.shape)}")
         x = image.float()
@@ -329,6 +339,7 @@ TGCNET_CONFIGS = {name: asdict(TGCNetConfig(**kw)) for name, kw in _NAMED.items(
 
 
 def _create(name: str, **overrides) -> TGCNet:
+    """Build the named configuration ``name`` with ``overrides`` (any TGCNetConfig field)."""
     cfg = merge_config(model_config(name), overrides, where=name)
     model = TGCNet(config_from_dict(TGCNetConfig, cfg, where=name))
     model.model_name = model.provenance["model"] = name
@@ -337,14 +348,17 @@ def _create(name: str, **overrides) -> TGCNet:
 
 @register_model(config=TGCNET_CONFIGS["tgcnet_tiny"])
 def tgcnet_tiny(**kwargs) -> TGCNet:
+    """TGC-Net for tests on CPU: 64x64, 2-block width-32 random-init towers, LoRA r=4."""
     return _create("tgcnet_tiny", **kwargs)
 
 
 @register_model(config=TGCNET_CONFIGS["tgcnet_small"])
 def tgcnet_small(**kwargs) -> TGCNet:
+    """TGC-Net for CPU simulations: 128x128 (overridable), 6-block width-256 random-init towers, LoRA r=8."""
     return _create("tgcnet_small", **kwargs)
 
 
 @register_model(config=TGCNET_CONFIGS["tgcnet_paper"])
 def tgcnet_paper(**kwargs) -> TGCNet:
+    """TGC-Net at the paper's size: CLIP ViT-B/16 ('openai' weights, read locally) at 224x224, LoRA r=8."""
     return _create("tgcnet_paper", **kwargs)

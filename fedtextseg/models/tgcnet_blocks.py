@@ -34,6 +34,7 @@ class ResStage(nn.Module):
         self.body = nn.Sequential(_conv(cout, cout, g), nn.Conv2d(cout, cout, 3, 1, 1, bias=False), _gn(cout, g))
 
     def forward(self, x: Tensor) -> Tensor:
+        """Downsample, then add the residual body."""
         x = self.down(x)
         return F.gelu(x + self.body(x))
 
@@ -50,6 +51,7 @@ class VitAdapter(nn.Module):
         self.up = nn.Sequential(*ups)
 
     def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Tokens [B, N, W] on ``grid`` -> features [B, C, grid * patch / stride]."""
         x = self.proj(self.norm(tokens)).transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
         return self.up(x)
 
@@ -62,6 +64,7 @@ class Fuse(nn.Module):
         self.mix, self.refine = _conv(2 * c, c, g, k=1), _conv(c, c, g)
 
     def forward(self, cnn: Tensor, vit: Tensor) -> Tensor:
+        """Fuse ViT features (resized to the CNN's grid if needed) into the CNN features."""
         vit = vit if vit.shape[-2:] == cnn.shape[-2:] else F.interpolate(vit, cnn.shape[-2:], mode="bilinear")
         x = cnn + self.mix(torch.cat([cnn, vit], 1))
         return x + self.refine(x)
@@ -77,6 +80,7 @@ class CrossAttention(nn.Module):
                                           nn.Linear(dim, q_dim))
 
     def forward(self, x: Tensor, ctx: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        """``x`` [B, N, q_dim] attends to ``ctx`` [B, K, kv_dim] (True in ``key_mask`` = attend)."""
         b, n, _ = x.shape
         split = lambda t: t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
         mask = key_mask[:, None, None, :] if key_mask is not None else None
@@ -112,6 +116,7 @@ class Calibration(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
 
     def forward(self, x: Tensor, text: Tensor | None, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Position code, text reads image, image reads text, MLP; returns the map and the calibrated text."""
         b, c, h, w = x.shape
         t = x.flatten(2).transpose(1, 2)
         t = t + self.pos(_fourier_grid(b, h, w, t))
@@ -130,6 +135,7 @@ class TextIn(nn.Module):
         self.norm, self.proj, self.segment = nn.LayerNorm(width), nn.Linear(width, dim), nn.Embedding(2, dim)
 
     def forward(self, tokens: Tensor, segment: int) -> Tensor:
+        """Project tokens and add the segment embedding (0: report, 1: glossary knowledge)."""
         seg = torch.full(tokens.shape[:2], segment, dtype=torch.long, device=tokens.device)
         return self.proj(self.norm(tokens)) + self.segment(seg)
 
@@ -143,6 +149,7 @@ class Up(nn.Module):
                                                                           _conv(cskip, cskip, g))
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        """Upsample ``x`` to the skip's size and merge the skip."""
         x = self.reduce(F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False))
         return self.body(torch.cat([x, skip], 1))
 

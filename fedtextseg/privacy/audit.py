@@ -10,10 +10,12 @@ What a site may send (anything else is a violation: the reply is not sent, the v
 * **evaluate reply** - MetricRecords ``metrics`` (``num-examples``) and ``eval.dice``, ``eval.dice_pooled``,
   ``eval.hd95`` whose keys are ``<metric>/<class>`` or ``has/<class>`` scalars; a ConfigRecord ``site`` (``name``);
   no arrays;
-* **SecAgg+ stages** (only with ``privacy.secure_aggregation=secaggplus``) - Flower's ``secaggplus`` ConfigRecord
-  (public keys, encrypted key shares, masked integer vectors, Shamir shares) and the legacy ``fitres.*`` records
+* **SecAgg+ stages** (only with ``privacy.secure_aggregation=secaggplus``) - Flower's ``secaggplus_configs``
+  ConfigRecord (public keys, encrypted key shares, masked integer vectors, Shamir shares) and the legacy ``fitres.*`` records
   the protocol carries: ``fitres.metrics``/``fitres.num_examples`` with the same metric rules, an emptied
   ``fitres.parameters`` (the arrays travel only masked);
+* **query reply** (SecAgg+ round preparation) - a ConfigRecord ``site`` with ``name``, ``task``, ``annotated``
+  (class names) and ``train-volumes`` (the sample count);
 * **error replies** (e.g. ``missing-frozen: <hash>``) - Flower's ``Error`` with a code and a reason.
 
 Metric values must be scalars (no lists: a list of numbers could carry anything). The audit does not import Flower:
@@ -36,7 +38,7 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_METRIC_PREFIXES = ("train_", "privacy/")
 TRAIN_METRIC_NAMES = ("round_seconds",)
 EVAL_RECORDS = {"eval.dice": "dice", "eval.dice_pooled": "dice_pooled", "eval.hd95": "hd95"}
-SECAGG_RECORD = "secaggplus"
+SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
 MAX_NAME = 200
 
 
@@ -71,8 +73,26 @@ def _site_config(record: Mapping[str, Any], allowed: Iterable[str], problems: li
     for key, value in record.items():
         if key not in allowed:
             problems.append(f"config record 'site': key '{key}' is not on the allow-list ({', '.join(sorted(allowed))})")
+        elif key == "annotated":  # class names (vocabulary words), as in site.yaml
+            if not isinstance(value, list) or not all(isinstance(v, str) and len(v) <= MAX_NAME for v in value):
+                problems.append("config record 'site': 'annotated' must be a list of class names")
+        elif key == "train-volumes":  # the site's sample count, as num-examples
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                problems.append("config record 'site': 'train-volumes' must be a non-negative int")
         elif not isinstance(value, str) or len(value) > MAX_NAME:
             problems.append(f"config record 'site': '{key}' must be a short string")
+
+
+def _audit_query(content: Any, problems: list[str]) -> None:
+    """SecAgg+ round preparation: the site's name, task, annotated classes and training-volume count only."""
+    for kind in ("array_records", "metric_records"):
+        for name in _records(content, kind):
+            problems.append(f"a query reply carries no {kind.split('_')[0]}s, got record '{name}'")
+    for name, record in _records(content, "config_records").items():
+        if name == "site":
+            _site_config(record, ("name", "task", "annotated", "train-volumes"), problems)
+        else:
+            problems.append(f"config record '{name}' is not on the allow-list of a query reply")
 
 
 def _expected_arrays(incoming: Any) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -87,7 +107,7 @@ def _audit_train(content: Any, incoming: Any, problems: list[str]) -> None:
     secagg = SECAGG_RECORD in configs
     allowed_arrays = {"fitres.parameters"} if secagg else {"arrays"}
     allowed_metrics = {"fitres.metrics", "fitres.num_examples"} if secagg else {"metrics"}
-    allowed_configs = {"site", SECAGG_RECORD, "fitres.status"} if secagg else {"site"}
+    allowed_configs = {"site", SECAGG_RECORD, "fitres.status", "fitres.metrics"} if secagg else {"site"}
     for kind, got, allowed in (("array", arrays, allowed_arrays), ("metric", metrics, allowed_metrics),
                                ("config", configs, allowed_configs)):
         for name in got:
@@ -97,7 +117,8 @@ def _audit_train(content: Any, incoming: Any, problems: list[str]) -> None:
         for name, record in arrays.items():
             if len(record):
                 problems.append(f"SecAgg+ reply: array record '{name}' must be empty (arrays travel only masked)")
-        for name, record in metrics.items():
+        legacy = [(n, r) for n, r in configs.items() if n == "fitres.metrics"]  # legacy metrics: a ConfigRecord
+        for name, record in list(metrics.items()) + legacy:
             _scalar_metrics(name, record, lambda k: k == "num_examples" or _train_metric_ok(k), problems)
         status = configs.get("fitres.status", {})
         for key, value in status.items():
@@ -160,6 +181,8 @@ def audit_reply(reply: Any, incoming: Any) -> list[str]:
         _audit_train(reply.content, incoming, problems)
     elif kind.startswith("evaluate"):
         _audit_evaluate(reply.content, problems)
+    elif kind.startswith("query"):
+        _audit_query(reply.content, problems)
     else:
         problems.append(f"no reply of message type '{kind}' is on the allow-list")
     return problems

@@ -14,8 +14,9 @@ The engine stays the one training loop: :func:`make_private` hands it private re
   crops), clipped per volume to ``C`` exactly (``DPOptimizer``). ``"fast"``: Opacus' fast gradient clipping
   (``GradSampleModuleFastGradientClipping``: per-layer per-sample gradients reduced to norms at once, never stored
   for the whole model) with two backward passes; ``"ghost"``: the same with ghost norms for ``nn.Linear`` (no
-  per-sample gradient at all) - Opacus' ghost norm sampler only handles 2-D/3-D Linear inputs, so it fails with
-  a clear error on CDPDNet (its window attention applies Linear layers to 5-D tensors) and works on TGC-Net. In
+  per-sample gradient at all) - it supports neither model: Opacus' ghost norm sampler only handles 2-D/3-D Linear
+  inputs (CDPDNet's window attention applies Linear layers to 5-D tensors) and refuses layers applied twice in one
+  forward pass (TGC-Net); both fail with a clear error. In
   both, each patch is clipped to ``C`` and a volume contributes the mean of its clipped patches, whose norm is
   <= ``C`` (triangle inequality): the same sensitivity, slightly more clipping.
 * The loss is made a **per-sample mean** whatever the loss object does (:class:`PerSampleMean` evaluates it on one
@@ -154,8 +155,13 @@ class _DPForward:
         self.volume_index, self.num_volumes = volume_index(batch, rows, trainable[0].device)
         if rows == 0:
             return {"logits": trainable[0].new_zeros((0, 1)) + 0.0 * trainable[0].sum()}
-        out = self._module.forward_batch(batch)
-        if out.get("aux_loss") is not None:
+        try:
+            out = self._module.forward_batch(batch)
+        except NotImplementedError as exc:  # Opacus' ghost clipping: a layer used twice in one forward
+            raise ConfigError(f"privacy.grad_sample_mode=ghost does not support {type(self._module).__name__}: {exc} "
+                              "(a layer applied twice in one forward pass). Use grad_sample_mode=fast or hooks") from None
+        aux = out.get("aux_loss")
+        if isinstance(aux, torch.Tensor) and aux.requires_grad:  # a constant 0 (term switched off) is harmless
             raise ConfigError(f"{type(self._module).__name__} returned an auxiliary loss that couples the samples of a "
                               "batch (e.g. TGC-Net's contrastive alignment); per-sample clipping would not bound one "
                               "patient's influence. Turn it off under DP-SGD (TGC-Net: model.kwargs.align_weight=0)")

@@ -6,7 +6,7 @@ Writes (or replaces) the ``[superlink.NAME]`` connection in ``$FLWR_HOME/config.
 other entry (such as ``[superlink.local]`` for simulations). After it, ``flwr supernode register KEY NAME``,
 ``flwr supernode ls NAME`` and ``flwr run . NAME --stream --run-config '...'`` talk to that SuperLink.
 
-    python scripts/deploy/configure_cli.py fedtextseg fl.hospital-net.org:9092 --ca deploy/certs/ca.crt
+    python scripts/deploy/configure_cli.py fedtextseg fl.hospital-net.org:9092 --ca ~/fedtextseg-certs/ca.crt
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ usage: make_certs.sh OUT_DIR [--server-name NAME]... [--server-ip IP]... [--days
   --renew-server      remake the SuperLink certificate even if OUT_DIR has one (e.g. to change its names)
   SITE                one SuperNode key pair per site name (letters, digits, '.', '_', '-')
 
-example: scripts/deploy/make_certs.sh deploy/certs --server-name fl.hospital-net.org hospital-a hospital-b
+example: scripts/deploy/make_certs.sh ~/fedtextseg-certs --server-name fl.hospital-net.org hospital-a hospital-b
 EOF
 }
 

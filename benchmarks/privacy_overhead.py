@@ -1,0 +1,227 @@
+"""DP-SGD overhead: time per local step and peak memory of a DP-SGD step vs the ordinary step, per model.
+
+    python benchmarks/privacy_overhead.py                       # cdpdnet_tiny and cdpdnet_small, all modes
+    python benchmarks/privacy_overhead.py --models cdpdnet_tiny --steps 3
+
+Every (model, mode) runs in its own subprocess (so peak memory is that configuration's own): the same synthetic
+batch of ``--volumes`` volumes x ``--crops`` crops (frozen DINOv2 features precomputed, as the site's feature cache
+provides them) through ``engine.train_steps`` - plainly (``plain``: AdamW, global-norm clipping), or through
+``fedtextseg.privacy.dpsgd.make_private`` (``dp-hooks``: per-volume clipping from materialised per-sample
+gradients; ``dp-fast``: Opacus fast gradient clipping, two backward passes). The Poisson sampling rate is 1 so
+every step sees the same batch. Precision is fp32 throughout (DP-SGD runs in fp32).
+
+Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the process's peak resident set
+(``resource.getrusage(...).ru_maxrss``) minus the resident set before the first step (torch's CPU allocations are
+invisible to ``tracemalloc``). Results (figures only, nothing is asserted) are printed and written to
+``benchmarks/results/privacy_overhead.json`` and ``.md`` together with the device they were measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+MODES = ("plain", "dp-hooks", "dp-fast")
+PATCHES = {"cdpdnet_tiny": (32, 32, 32), "cdpdnet_small": (16, 64, 64)}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _bank(dim: int = 64):
+    import torch
+
+    from fedtextseg.vocab import get_vocabulary
+
+    vocab = get_vocabulary()
+    g = torch.Generator().manual_seed(0)
+    return dict(class_embeddings=torch.randn(vocab.num_classes, dim, generator=g),
+                task_embeddings=torch.randn(len(vocab.tasks), dim, generator=g),
+                class_names=vocab.class_names, task_names=vocab.task_names)
+
+
+def _dataset(model, volumes: int, crops: int, patch, device):
+    import torch
+
+    from fedtextseg.vocab import get_vocabulary
+
+    vocab = get_vocabulary()
+    g = torch.Generator().manual_seed(0)
+    annotated = torch.zeros(vocab.num_classes)
+    annotated[[vocab.class_names.index(c) for c in ("liver", "liver tumor", "spleen")]] = 1.0
+    items = []
+    for v in range(volumes):
+        crops_ = []
+        for _ in range(crops):
+            image = torch.rand(1, *patch, generator=g)
+            item = {"image": image, "label": (torch.rand(vocab.num_classes, *patch, generator=g) > 0.8).to(torch.uint8),
+                    "annotated": annotated.clone(), "task": 1, "case_id": f"vol{v}"}
+            if getattr(model, "dino", None) is not None:
+                with torch.no_grad():
+                    item["dino"] = model.dino_features(image[None].to(device))[0].cpu()
+            crops_.append(item)
+        items.append(crops_)
+    return items
+
+
+def _peak_bytes(device, baseline: int) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)
+
+
+def worker(model_name: str, mode: str, volumes: int, crops: int, steps: int, threads: int | None) -> dict:
+    """One configuration in this process; returns its figures."""
+    import torch
+    from monai.data import DataLoader, list_data_collate
+
+    from fedtextseg import engine
+    from fedtextseg.losses import PartialLabelLoss
+    from fedtextseg.models import create_model
+    from fedtextseg.privacy.dpsgd import make_private
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = engine.resolve_device("auto")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kwargs = {"dino": {"weights": None}} if model_name != "cdpdnet_tiny" else {}
+        model = create_model(model_name, **_bank(), **kwargs)
+    patch = PATCHES.get(model_name, model.patch_size)
+    model = engine.prepare_model(model, device).train()
+    data = _dataset(model, volumes, crops, patch, device)
+    loss_fn = PartialLabelLoss("masked")
+    optimizer = engine.make_optimizer(model, 1e-4)
+    times: list[float] = []
+    hook = lambda step, loss: times.append(time.perf_counter())  # noqa: E731
+    parts = None
+    if mode == "plain":
+        loader = DataLoader(data, batch_size=volumes, shuffle=False, collate_fn=list_data_collate)
+        run_model, run_loss, run_opt, clip = model, loss_fn, optimizer, 12.0
+    else:
+        parts = make_private(model, data, optimizer, loss_fn, noise_multiplier=1.0, max_grad_norm=1.0,
+                             sample_rate=1.0, steps=steps + 1, mode=mode.removeprefix("dp-"))
+        loader, run_model, run_loss, run_opt, clip = parts.loader, parts.model, parts.loss_fn, parts.optimizer, None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    engine.train_steps(run_model, loader, loss_fn=run_loss, optimizer=run_opt, steps=steps + 1, device=device,
+                       precision="fp32", grad_clip=clip, step_hook=hook, log_every=0, label=f"{model_name} {mode}")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if parts is not None:
+        parts.close()
+    step_times = [b - a for a, b in zip([start] + times[:-1], times)][1:]  # the first step warms up
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"model": model_name, "mode": mode, "patch": list(patch), "volumes": volumes, "crops": crops,
+            "rows": volumes * crops, "trainable_params": trainable, "steps_timed": len(step_times),
+            "step_seconds_median": statistics.median(step_times), "step_seconds_all": step_times,
+            "peak_bytes": _peak_bytes(device, baseline),
+            "peak_kind": "cuda max_memory_allocated" if device.type == "cuda" else "ru_maxrss growth during training"}
+
+
+def device_description() -> dict:
+    import opacus
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "opacus": opacus.__version__,
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["device"] = f"CUDA: {torch.cuda.get_device_name(0)}"
+    else:
+        cpu = platform.processor() or "unknown CPU"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        info["device"] = f"CPU: {cpu}"
+        try:
+            info["load_average_at_start"] = list(os.getloadavg())
+        except OSError:
+            pass
+    return info
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| model | mode | patch | volumes x crops | step (s) | x plain | peak memory (MB) | x plain |",
+             "|---|---|---|---|---|---|---|---|"]
+    plain = {r["model"]: r for r in rows if r["mode"] == "plain" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['mode']} | | | failed: {r['error'][:80]} | | | |")
+            continue
+        p = plain.get(r["model"])
+        t_ratio = f"{r['step_seconds_median'] / p['step_seconds_median']:.2f}" if p else ""
+        m_ratio = f"{r['peak_bytes'] / p['peak_bytes']:.2f}" if p and p["peak_bytes"] > 0 else ""
+        lines.append(f"| {r['model']} | {r['mode']} | {'x'.join(map(str, r['patch']))} | {r['volumes']} x "
+                     f"{r['crops']} | {r['step_seconds_median']:.3f} | {t_ratio} | {r['peak_bytes'] / 2**20:.0f} | "
+                     f"{m_ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["cdpdnet_tiny", "cdpdnet_small"])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--volumes", type=int, default=2)
+    p.add_argument("--crops", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=RESULTS / "privacy_overhead")
+    p.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(*args.worker, args.volumes, args.crops, args.steps, args.threads)))
+        return 0
+    rows = []
+    for model in args.models:
+        for mode in args.modes:
+            cmd = [sys.executable, __file__, "--worker", model, mode, "--volumes", str(args.volumes), "--crops",
+                   str(args.crops), "--steps", str(args.steps)] + (["--threads", str(args.threads)] if args.threads
+                                                                   else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                rows.append({"model": model, "mode": mode, "error": err})
+            else:
+                rows.append(json.loads(line[len("RESULT "):]))
+            r = rows[-1]
+            print(f"{model:>14} {mode:>9}: " + (f"{r['step_seconds_median']:.3f} s/step, peak "
+                                                f"{r['peak_bytes'] / 2**20:.0f} MB" if "error" not in r
+                                                else f"failed ({r['error']})"), flush=True)
+    info = device_description()
+    table = _table(rows)
+    print(f"\nDP-SGD overhead on {info['device']} (torch {info['torch']}, opacus {info['opacus']}, "
+          f"{info['torch_threads']} threads)\n\n{table}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"device": info, "results": rows}, indent=2))
+    args.out.with_suffix(".md").write_text(
+        f"# DP-SGD overhead (benchmarks/privacy_overhead.py)\n\nDevice: {info['device']}; torch {info['torch']}, "
+        f"opacus {info['opacus']}, {info['torch_threads']} torch threads"
+        + (f", load average at start {info['load_average_at_start']}" if "load_average_at_start" in info else "")
+        + ".\nMedian time per local step after one warm-up step, fp32; peak memory is "
+        + ("CUDA max_memory_allocated." if "CUDA" in info["device"] else
+           "the growth of the process's peak resident set during training (CPU).")
+        + f"\n\n{table}\n")
+    print(f"\nwritten: {args.out.with_suffix('.json')}, {args.out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
