@@ -29,13 +29,14 @@ install: $(BIN)/fedtextseg
 demo: install
 	$(BIN)/fedtextseg simulate --experiment demo
 
-## The full test suite (what CI runs): fast tests plus the slow end-to-end ones.
+## The full test suite (what CI runs): fast tests plus the slow end-to-end ones. One BLAS/OpenMP thread per
+## process: simulations run several processes side by side on few cores.
 test: install
-	$(BIN)/python -m pytest -m "slow or not slow" -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "slow or not slow" -q --durations=15
 
 ## The fast default selection for development (no end-to-end simulations).
 test-fast: install
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) .flwr .cache results data/synthetic
