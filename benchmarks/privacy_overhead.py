@@ -103,7 +103,8 @@ def worker(model_name: str, mode: str, volumes: int, crops: int, steps: int, thr
     loss_fn = PartialLabelLoss("masked")
     optimizer = engine.make_optimizer(model, 1e-4)
     times: list[float] = []
-    hook = lambda step, loss: times.append(time.perf_counter())  # noqa: E731
+    cpu: list[float] = []
+    hook = lambda step, loss: (times.append(time.perf_counter()), cpu.append(time.process_time()))  # noqa: E731
     parts = None
     if mode == "plain":
         loader = DataLoader(data, batch_size=volumes, shuffle=False, collate_fn=list_data_collate)
@@ -116,7 +117,7 @@ def worker(model_name: str, mode: str, volumes: int, crops: int, steps: int, thr
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     engine.train_steps(run_model, loader, loss_fn=run_loss, optimizer=run_opt, steps=steps + 1, device=device,
                        precision="fp32", grad_clip=clip, step_hook=hook, log_every=0, label=f"{model_name} {mode}")
     if device.type == "cuda":
@@ -124,10 +125,12 @@ def worker(model_name: str, mode: str, volumes: int, crops: int, steps: int, thr
     if parts is not None:
         parts.close()
     step_times = [b - a for a, b in zip([start] + times[:-1], times)][1:]  # the first step warms up
+    cpu_times = [b - a for a, b in zip([cpu_start] + cpu[:-1], cpu)][1:]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"model": model_name, "mode": mode, "patch": list(patch), "volumes": volumes, "crops": crops,
             "rows": volumes * crops, "trainable_params": trainable, "steps_timed": len(step_times),
             "step_seconds_median": statistics.median(step_times), "step_seconds_all": step_times,
+            "cpu_seconds_median": statistics.median(cpu_times),
             "peak_bytes": _peak_bytes(device, baseline),
             "peak_kind": "cuda max_memory_allocated" if device.type == "cuda" else "ru_maxrss growth during training"}
 
@@ -151,26 +154,27 @@ def device_description() -> dict:
             pass
         info["device"] = f"CPU: {cpu}"
         try:
-            info["load_average_at_start"] = list(os.getloadavg())
+            info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
         except OSError:
             pass
     return info
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| model | mode | patch | volumes x crops | step (s) | x plain | peak memory (MB) | x plain |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | mode | patch | volumes x crops | wall s/step | x plain | CPU s/step | x plain | "
+             "peak memory (MB) | x plain |", "|---|---|---|---|---|---|---|---|---|---|"]
     plain = {r["model"]: r for r in rows if r["mode"] == "plain" and "error" not in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['mode']} | | | failed: {r['error'][:80]} | | | |")
+            lines.append(f"| {r['model']} | {r['mode']} | | | failed: {r['error'][:80]} | | | | | |")
             continue
         p = plain.get(r["model"])
         t_ratio = f"{r['step_seconds_median'] / p['step_seconds_median']:.2f}" if p else ""
+        c_ratio = f"{r['cpu_seconds_median'] / p['cpu_seconds_median']:.2f}" if p else ""
         m_ratio = f"{r['peak_bytes'] / p['peak_bytes']:.2f}" if p and p["peak_bytes"] > 0 else ""
         lines.append(f"| {r['model']} | {r['mode']} | {'x'.join(map(str, r['patch']))} | {r['volumes']} x "
-                     f"{r['crops']} | {r['step_seconds_median']:.3f} | {t_ratio} | {r['peak_bytes'] / 2**20:.0f} | "
-                     f"{m_ratio} |")
+                     f"{r['crops']} | {r['step_seconds_median']:.3f} | {t_ratio} | {r['cpu_seconds_median']:.3f} | "
+                     f"{c_ratio} | {r['peak_bytes'] / 2**20:.0f} | {m_ratio} |")
     return "\n".join(lines)
 
 
@@ -202,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 rows.append(json.loads(line[len("RESULT "):]))
             r = rows[-1]
-            print(f"{model:>14} {mode:>9}: " + (f"{r['step_seconds_median']:.3f} s/step, peak "
+            print(f"{model:>14} {mode:>9}: " + (f"{r['step_seconds_median']:.3f} s/step ({r['cpu_seconds_median']:.3f} "
+                                                f"CPU s), peak "
                                                 f"{r['peak_bytes'] / 2**20:.0f} MB" if "error" not in r
                                                 else f"failed ({r['error']})"), flush=True)
     info = device_description()
@@ -215,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# DP-SGD overhead (benchmarks/privacy_overhead.py)\n\nDevice: {info['device']}; torch {info['torch']}, "
         f"opacus {info['opacus']}, {info['torch_threads']} torch threads"
         + (f", load average at start {info['load_average_at_start']}" if "load_average_at_start" in info else "")
-        + ".\nMedian time per local step after one warm-up step, fp32; peak memory is "
+        + ".\nMedian wall-clock and process-CPU time per local step after one warm-up step, fp32 (on a shared "
+        "machine the CPU time is the steadier figure); peak memory is "
         + ("CUDA max_memory_allocated." if "CUDA" in info["device"] else
            "the growth of the process's peak resident set during training (CPU).")
         + f"\n\n{table}\n")

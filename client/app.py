@@ -117,9 +117,9 @@ def _load_local_state(context: Context, runner: SiteRunner) -> None:
 
 
 def _error_reply(msg: Message, exc: Exception) -> Message:
-    text = str(exc)
-    if MISSING_FROZEN in text:
-        return Message(missing_frozen_error(text.split(":")[1].split()[-1] if ":" in text else ""), reply_to=msg)
+    if MISSING_FROZEN in str(exc):  # the server resends the frozen parts next round (FrozenDistributor)
+        info = msg.content.config_records.get("frozen-info")
+        return Message(missing_frozen_error(str(info["hash"]) if info is not None else ""), reply_to=msg)
     raise exc
 
 

@@ -24,7 +24,8 @@ def _meta(kind: str) -> Metadata:
 
 
 def _incoming(kind: str = "train") -> Message:
-    arrays = ArrayRecord({"enc.w": Array(np.zeros((4, 3), np.float32)), "head.rows": Array(np.zeros((5, 4), np.float32))})
+    arrays = ArrayRecord({"enc.w": Array(np.zeros((4, 3), np.float32)),
+                          "head.rows": Array(np.zeros((5, 4), np.float32))})
     return Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({"round": 1})}), metadata=_meta(kind))
 
 

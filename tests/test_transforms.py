@@ -198,7 +198,8 @@ def test_persistent_cache_is_reused(liver_site, tmp_path, monkeypatch):
 
     data = run_epoch()
     assert len(reads) == 3 and data.cache_dir.parent == tmp_path / "cache"
-    assert len(list(data.cache_dir.glob("*.pt"))) == 3 and (data.cache_dir / "cache_info.json").is_file()
+    cached = list(data.cache_dir.glob("*.pt")) + list((data.cache_dir / "val").glob("*.pt"))  # val: own folder
+    assert len(cached) == 3 and (data.cache_dir / "cache_info.json").is_file()
     run_epoch()
     assert len(reads) == 3  # second build: everything from the cache, no file read
 
@@ -250,7 +251,9 @@ def test_feature_key_required_for_disk_cache_and_part_of_the_key(liver_site, tmp
     a = build_site_data(liver_site, cfg, cache_dir=tmp_path, feature_fn=coordinate_features(), feature_key="dino-a")
     b = build_site_data(liver_site, cfg, cache_dir=tmp_path, feature_fn=coordinate_features(), feature_key="dino-b")
     assert a.cache_dir != b.cache_dir
-    assert "dino" in a.val_ds[0] and a.val_ds[0]["dino_tile"] == (4, 4, 2)
+    crop = a.train_ds[0][0]
+    assert "dino" in crop and tuple(crop["dino_tile"]) == (4, 4, 2)
+    assert "dino" not in a.val_ds[0]  # whole validation volumes: sliding windows compute their own features
 
 
 def test_split_is_deterministic_and_disjoint(make_nifti_site, tmp_path):

@@ -11,9 +11,9 @@ What a site may send (anything else is a violation: the reply is not sent, the v
   ``eval.hd95`` whose keys are ``<metric>/<class>`` or ``has/<class>`` scalars; a ConfigRecord ``site`` (``name``);
   no arrays;
 * **SecAgg+ stages** (only with ``privacy.secure_aggregation=secaggplus``) - Flower's ``secaggplus_configs``
-  ConfigRecord (public keys, encrypted key shares, masked integer vectors, Shamir shares) and the legacy ``fitres.*`` records
-  the protocol carries: ``fitres.metrics``/``fitres.num_examples`` with the same metric rules, an emptied
-  ``fitres.parameters`` (the arrays travel only masked);
+  ConfigRecord (public keys, encrypted key shares, masked integer vectors, Shamir shares) and the legacy
+  ``fitres.*`` records the protocol carries: ``fitres.metrics``/``fitres.num_examples`` with the same metric rules,
+  an emptied ``fitres.parameters`` (the arrays travel only masked);
 * **query reply** (SecAgg+ round preparation) - a ConfigRecord ``site`` with ``name``, ``task``, ``annotated``
   (class names) and ``train-volumes`` (the sample count);
 * **error replies** (e.g. ``missing-frozen: <hash>``) - Flower's ``Error`` with a code and a reason.
@@ -72,7 +72,8 @@ def _site_config(record: Mapping[str, Any], allowed: Iterable[str], problems: li
     allowed = set(allowed)
     for key, value in record.items():
         if key not in allowed:
-            problems.append(f"config record 'site': key '{key}' is not on the allow-list ({', '.join(sorted(allowed))})")
+            problems.append(f"config record 'site': key '{key}' is not on the allow-list "
+                            f"({', '.join(sorted(allowed))})")
         elif key == "annotated":  # class names (vocabulary words), as in site.yaml
             if not isinstance(value, list) or not all(isinstance(v, str) and len(v) <= MAX_NAME for v in value):
                 problems.append("config record 'site': 'annotated' must be a list of class names")

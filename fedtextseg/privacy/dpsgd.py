@@ -159,7 +159,8 @@ class _DPForward:
             out = self._module.forward_batch(batch)
         except NotImplementedError as exc:  # Opacus' ghost clipping: a layer used twice in one forward
             raise ConfigError(f"privacy.grad_sample_mode=ghost does not support {type(self._module).__name__}: {exc} "
-                              "(a layer applied twice in one forward pass). Use grad_sample_mode=fast or hooks") from None
+                              "(a layer applied twice in one forward pass). Use grad_sample_mode=fast or hooks"
+                              ) from None
         aux = out.get("aux_loss")
         if isinstance(aux, torch.Tensor) and aux.requires_grad:  # a constant 0 (term switched off) is harmless
             raise ConfigError(f"{type(self._module).__name__} returned an auxiliary loss that couples the samples of a "
