@@ -90,9 +90,20 @@ def flwr_run_command(project: Path, num_sites: int, run_config: dict, cpus_per_s
         return f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
 
     rc = " ".join(f"{k}={toml(v)}" for k, v in run_config.items())
-    return ["flwr", "run", str(project), "local", "--stream",
+    return [_flwr_executable(), "run", str(project), "local", "--stream",
             "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site:g}",
             "--run-config", rc]
+
+
+def _flwr_executable() -> str:
+    """Flower's CLI from this interpreter's environment (a virtualenv need not be on PATH), else from PATH."""
+    import shutil
+
+    beside = Path(sys.executable).parent / "flwr"
+    found = str(beside) if beside.is_file() else shutil.which("flwr")
+    if found is None:
+        raise ConfigError("Flower's `flwr` command is not installed in this environment (pip install 'flwr[simulation]')")
+    return found
 
 
 def simulate_main(argv: list[str] | None = None) -> int:
