@@ -13,24 +13,16 @@ sites, rule, privacy). Warnings stand out: random frozen weights, a fallback tex
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedtextseg.hashing import file_sha256
 from fedtextseg.errors import FedTextSegError
 from fedtextseg.vocab import get_vocabulary
 
 __all__ = ["check_model_file", "model_card", "format_card", "info_main"]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_model_file(path: str | Path) -> Path:
@@ -143,7 +135,7 @@ def model_card(path: str | Path) -> dict[str, Any]:
         warnings.append("the file does not record which sites annotated which classes")
     ev = dict(info.get("eval") or {})
     return {
-        "file": {"path": str(path), "bytes": path.stat().st_size, "sha256": _sha256(path),
+        "file": {"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path),
                  "format": info.get("format")},
         "model": {"name": name, "summary": summary, "config": arch, "parameters": params, "frozen_hash": frozen_hash},
         "text_bank": bank,

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedtextseg.hashing import file_sha256
 from fedtextseg.errors import ConfigError, FedTextSegError
 
 __all__ = [
@@ -65,14 +66,6 @@ class DinoConfig:
     weights: str | None = None  # None (random), "hub", "provided" (loaded by the caller) or a checkpoint path
     enabled: bool = True
     slice_batch: int = 64  # slices per ViT call
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class DinoSliceEncoder(nn.Module):
@@ -143,7 +136,7 @@ class DinoSliceEncoder(nn.Module):
         except Exception as exc:
             raise FedTextSegError(f"{path}: cannot read DINOv2 checkpoint: {exc}") from exc
         self._load_state(state, source=str(path))
-        return {**base, "weights": "file", "path": str(path), "sha256": _file_sha256(path)}
+        return {**base, "weights": "file", "path": str(path), "sha256": file_sha256(path)}
 
     def _load_state(self, state: dict, source: str) -> None:
         from timm.models.vision_transformer import checkpoint_filter_fn

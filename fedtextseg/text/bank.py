@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from fedtextseg.hashing import file_sha256
 from fedtextseg.errors import FedTextSegError
 from fedtextseg.vocab import UnknownClassError, UnknownTaskError, Vocabulary, get_vocabulary
 
@@ -347,7 +348,7 @@ class EmbeddingBank:
             "model": source_model,
             "pretrained": None,
             "class_file": str(Path(class_file).resolve()),
-            "class_file_sha256": _file_sha256(class_file),
+            "class_file_sha256": file_sha256(class_file),
             "normalized": normalize,
         }
         task_names: list[str] = []
@@ -362,7 +363,7 @@ class EmbeddingBank:
                 )
             task_names = vocab.task_names
             encoder["task_file"] = str(Path(task_file).resolve())
-            encoder["task_file_sha256"] = _file_sha256(task_file)
+            encoder["task_file_sha256"] = file_sha256(task_file)
         if normalize:
             class_matrix = torch.nn.functional.normalize(class_matrix, dim=1)
             task_matrix = None if task_matrix is None else torch.nn.functional.normalize(task_matrix, dim=1)
@@ -415,9 +416,3 @@ def _check_rows(matrix: torch.Tensor, expected: int, path, kind: str, vocab: Voc
     )
 
 
-def _file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
