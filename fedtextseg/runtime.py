@@ -269,6 +269,7 @@ class SiteRunner:
         loader = make_loader(self.data.train_ds, batch_size=int(cfg.train.batch_size), shuffle=True,
                              generator=generator)
         self.model = engine.prepare_model(self.model, self.device)
+        self.model.train()  # evaluation (the previous message) leaves it in eval mode; Opacus checks the mode
         lr = lr_for_round(cfg, round_, total_rounds)
         optimizer = optimizer or engine.make_optimizer(self.model, lr, float(cfg.train.weight_decay), cfg.train.optimizer)
         reference = None

@@ -482,3 +482,27 @@ def test_secure_aggregation_refuses_rules_that_need_individual_updates():
     with pytest.raises(ConfigError, match="robust"):
         check_secure_config(SimpleNamespace(federation={"robust": "median"}))
     check_secure_config(SimpleNamespace(federation={"robust": None, "weighting": "equal"}))
+
+
+def test_dp_round_after_an_evaluation_trains(tmp_path):
+    """A site evaluates the global model (eval mode) between DP rounds; the next DP round must still train."""
+    from fedtextseg.config import compose_config
+    from fedtextseg.data.synthetic import generate_hospitals
+    from fedtextseg.federation.inprocess import run_federation_inprocess
+    from fedtextseg.text import build_bank
+
+    root = tmp_path / "h"
+    generate_hospitals(root, sites=2, cases_per_site=2, seed=1, shape=(32, 32, 32), unseen=False)
+    build_bank("abdomen-ct", encoder="sentence-minilm", log=lambda *_: None).save(root / "bank.pt")
+    cfg = compose_config("demo", [
+        f"data.root={root}", f"text.bank={root / 'bank.pt'}", "federation.rounds=2", "train.local_steps=1",
+        "train.batch_size=1", "data.preprocess.patch_size=[16,16,16]", "data.preprocess.spacing=[12,12,12]",
+        "data.preprocess.num_crops=1", "data.val_fraction=0.5", "eval.max_cases=1", "eval.hd95=false",
+        "run.threads=null", "privacy=dp", "privacy.target_epsilon=50", "federation.evaluate_unseen=false",
+        f"privacy.ledger_dir={tmp_path / 'ledgers'}",
+    ])
+    coord = run_federation_inprocess(cfg, tmp_path / "run", log_fn=lambda *_: None)
+    rows = [r for r in __import__("fedtextseg.tracking", fromlist=["read_metrics"]).read_metrics(tmp_path / "run")
+            if r["kind"] == "train"]
+    assert {(r["round"], r["site"]) for r in rows} == {(r, s) for r in (1, 2) for s in ("site01-btcv", "site02-lits")}
+    assert coord.start_round == 1
