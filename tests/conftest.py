@@ -150,3 +150,16 @@ def make_nifti_site_fixture():
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep the preprocessing cache out of ``~/.cache``: FEDTEXTSEG_CACHE points into pytest's temp dir."""
     monkeypatch.setenv("FEDTEXTSEG_CACHE", str(tmp_path_factory.mktemp("fedtextseg-cache")))
+
+
+def make_bank(dim: int = 32, seed: int = 0) -> dict:
+    """Random text-bank tensors for the abdominal vocabulary: the keyword arguments a CDPDNet needs."""
+    import torch
+
+    from fedtextseg.vocab import get_vocabulary
+
+    vocab = get_vocabulary()
+    g = torch.Generator().manual_seed(seed)
+    return dict(class_embeddings=torch.randn(vocab.num_classes, dim, generator=g),
+                task_embeddings=torch.randn(len(vocab.tasks), dim, generator=g),
+                class_names=vocab.class_names, task_names=vocab.task_names)

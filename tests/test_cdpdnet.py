@@ -15,16 +15,11 @@ from fedtextseg.errors import ConfigError, FedTextSegError  # noqa: E402
 from fedtextseg.models import CDPDNet, create_model, list_models, model_config  # noqa: E402
 from fedtextseg.params import check_groups, count_params  # noqa: E402
 from fedtextseg.vocab import UnknownClassError, get_vocabulary  # noqa: E402
+from conftest import make_bank
 
 PATCH = (16, 32, 32)  # the smallest patch the tiny config takes with a 2x2 DINO token grid: fast tests
 
 
-def make_bank(dim: int = 64, seed: int = 0) -> dict:
-    vocab = get_vocabulary()
-    g = torch.Generator().manual_seed(seed)
-    return dict(class_embeddings=torch.randn(vocab.num_classes, dim, generator=g),
-                task_embeddings=torch.randn(len(vocab.tasks), dim, generator=g),
-                class_names=vocab.class_names, task_names=vocab.task_names)
 
 
 def tiny(**overrides) -> CDPDNet:
@@ -208,7 +203,7 @@ def test_new_class_gets_a_text_head_and_old_rows_are_kept():
         before = model(x, task)
         bank = make_bank()
         names = bank["class_names"] + ["left ovary"]
-        model.set_class_bank(torch.cat([bank["class_embeddings"], torch.randn(1, 64)]), names)
+        model.set_class_bank(torch.cat([bank["class_embeddings"], torch.randn(1, bank["class_embeddings"].shape[1])]), names)
         after = model(x, task)
     assert after.shape[1] == before.shape[1] + 1 and model.class_index("left ovary") == before.shape[1]
     torch.testing.assert_close(after[:, :-1], before)

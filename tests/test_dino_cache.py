@@ -15,16 +15,11 @@ from fedtextseg.errors import ConfigError, FedTextSegError  # noqa: E402
 from fedtextseg.models import (DinoConfig, DinoSliceEncoder, FeatureVolume, PretrainedWeightsWarning,  # noqa: E402
                                compute_volume_features, create_model, crop_features, volume_feature_fn)
 from fedtextseg.vocab import get_vocabulary  # noqa: E402
+from conftest import make_bank
 
 SMALL_VIT = "vit_small_patch14_dinov2"
 
 
-def make_bank(dim: int = 32) -> dict:
-    vocab = get_vocabulary()
-    g = torch.Generator().manual_seed(0)
-    return dict(class_embeddings=torch.randn(vocab.num_classes, dim, generator=g),
-                task_embeddings=torch.randn(len(vocab.tasks), dim, generator=g),
-                class_names=vocab.class_names, task_names=vocab.task_names)
 
 
 def encoder(**kw) -> DinoSliceEncoder:

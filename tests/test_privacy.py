@@ -20,16 +20,11 @@ from fedtextseg.privacy import (SiteLedger, SitePrivacy, epsilon_for, plan_noise
                                 screen_eval_summary, split_declined, write_privacy_ledger)
 from fedtextseg.privacy.dpsgd import PerSampleMean, make_private, validate_model
 from fedtextseg.vocab import get_vocabulary
+from conftest import make_bank
 
 PATCH = (8, 32, 32)  # a patch cdpdnet_tiny takes with a 2x2 DINO token grid
 
 
-def make_bank(dim: int = 32, seed: int = 0) -> dict:
-    vocab = get_vocabulary()
-    g = torch.Generator().manual_seed(seed)
-    return dict(class_embeddings=torch.randn(vocab.num_classes, dim, generator=g),
-                task_embeddings=torch.randn(len(vocab.tasks), dim, generator=g),
-                class_names=vocab.class_names, task_names=vocab.task_names)
 
 
 def tiny_cdpdnet(**overrides) -> nn.Module:
