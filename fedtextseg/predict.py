@@ -19,7 +19,6 @@ is reported on stderr with its file name and the others still run: exit status 1
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import logging
@@ -31,7 +30,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 import torch
-from monai.utils import TraceKeys
 from omegaconf import OmegaConf
 
 from fedtextseg import engine
@@ -73,24 +71,6 @@ def inference_site(vocab: Vocabulary, task: str) -> Site:
     """An in-memory, label-less Site: what the preprocessing pipeline needs to know (vocabulary, task)."""
     return Site(root=Path("."), name="inference", task=vocab.task(task).name, vocabulary=vocab, label_map={},
                 annotated=[], cases=[])
-
-
-def _untraced(image: torch.Tensor) -> torch.Tensor:
-    """A copy whose trace ids (nested ones too, e.g. CropForeground's pad_info) match any transform instance."""
-    def reset(obj: Any) -> None:
-        if isinstance(obj, dict):
-            if TraceKeys.ID in obj:
-                obj[TraceKeys.ID] = TraceKeys.NONE
-            obj = list(obj.values())
-        if isinstance(obj, (list, tuple)):
-            for v in obj:
-                reset(v)
-
-    ops = copy.deepcopy(list(image.applied_operations))
-    reset(ops)
-    out = image.clone()
-    out.applied_operations = ops
-    return out
 
 
 @dataclass
@@ -227,7 +207,7 @@ class Predictor:
         if multilabel:
             planes.append(self._multilabel(probs, masks).float())
         stack = torch.stack(planes) if planes else torch.zeros((1, *masks.shape[1:]))
-        inverted = invert_to_input(stack, _untraced(image), self.site, self.pre, nearest=True)
+        inverted = invert_to_input(stack, image, self.site, self.pre, nearest=True)
         data = np.rint(inverted.detach().cpu().numpy()).astype(np.int32)
         affine, header = read_header(path)
         shape = tuple(header["shape"])

@@ -433,6 +433,18 @@ def train_transform(site: Site, cfg: PreprocessConfig, feature_fn: FeatureFn | N
     return SiteCompose(steps)
 
 
+def _reset_trace_ids(obj: Any) -> None:
+    """Clear the transform-instance ids in recorded operations, nested ones too (CropForeground keeps its padding's
+    record inside its own), so any instance of the same pipeline can invert them."""
+    if isinstance(obj, dict):
+        if TraceKeys.ID in obj:
+            obj[TraceKeys.ID] = TraceKeys.NONE
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for value in obj:
+            _reset_trace_ids(value)
+
+
 def invert_to_input(pred: torch.Tensor, reference: MetaTensor, site: Site, cfg: PreprocessConfig,
                     nearest: bool = False) -> MetaTensor:
     """Resample a prediction [K, *spatial] made on a preprocessed volume back onto the input image's voxel grid.
@@ -443,8 +455,7 @@ def invert_to_input(pred: torch.Tensor, reference: MetaTensor, site: Site, cfg: 
     """
     ref = reference.clone()
     ops = copy.deepcopy(list(reference.applied_operations))
-    for op in ops:
-        op[TraceKeys.ID] = TraceKeys.NONE
+    _reset_trace_ids(ops)
     ref.applied_operations = ops
     data = {"image": ref, "pred": pred if isinstance(pred, MetaTensor) else MetaTensor(pred)}
     inverter = Invertd(keys="pred", transform=preprocess_transform(site, cfg, with_label=False), orig_keys="image",
