@@ -129,6 +129,9 @@ def simulate_main(argv: list[str] | None = None) -> int:
     print("fedtextseg simulate:", " ".join(shlex.quote(c) for c in cmd), flush=True)
     env = dict(os.environ)
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    # `flwr run` launches flower-superlink by name: this environment's scripts must be on PATH (a virtualenv
+    # used as `.venv/bin/fedtextseg` is not activated)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning on CPU-only runs
     start = time.perf_counter()
