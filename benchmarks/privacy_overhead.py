@@ -144,15 +144,9 @@ def device_description() -> dict:
     if torch.cuda.is_available():
         info["device"] = f"CUDA: {torch.cuda.get_device_name(0)}"
     else:
-        cpu = platform.processor() or "unknown CPU"
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        info["device"] = f"CPU: {cpu}"
+        from fedtextseg.tracking import cpu_model
+
+        info["device"] = f"CPU: {cpu_model()}"
         try:
             info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
         except OSError:

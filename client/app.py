@@ -141,10 +141,11 @@ def train(msg: Message, context: Context) -> Message:
     _save_local_state(context, runner)
     content = site_reply_content(  # a site whose budget is spent declines: global arrays back, 0 examples
         runner.wire_arrays(), 0 if getattr(stats, "declined", False) else runner.num_examples,
-        runner.site.annotated_mask(),
+        runner.trained_classes_mask(),
         {**stats.as_metrics(), "round_seconds": time.perf_counter() - start},
     )
-    content["site"] = ConfigRecord({"name": runner.site.name, "task": runner.site.task})
+    # the model's identity (name, architecture, frozen/bank hashes, version): the server refuses a mismatch
+    content["site"] = ConfigRecord({"name": runner.site.name, "task": runner.site.task, **runner.identity()})
     log.info("[%s] round %s: %d steps, loss %.4f, reply %.2f MB", runner.site.name, conf["round"], stats.steps,
              stats.loss, record_nbytes(content) / 1e6)
     return Message(content, reply_to=msg)

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "predict": ("fedtextseg.predict", "predict_main", "segment NIfTI volumes with a trained model file, by class name"),
     "info": ("fedtextseg.model_card", "info_main", "print a model file's model card (architecture, provenance, classes)"),
     "report": ("fedtextseg.report", "report_main", "render a run folder into report.html and report.md"),
+    "study": ("fedtextseg.studies.runner", "study_main", "run a benchmark study (configs/study/): table + plots"),
 }
 
 

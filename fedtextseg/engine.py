@@ -261,8 +261,13 @@ def evaluate(
     precision: str = "auto",
     with_hd95: bool = True,
     task_override: int | None = None,
+    softmax_space: Any = None,
 ) -> dict[str, dict[str, float]]:
-    """Per-class Dice (mean and pooled) and HD95 over whole cases, only on each case's annotated classes."""
+    """Per-class Dice (mean and pooled) and HD95 over whole cases, only on each case's annotated classes.
+
+    Masks come from per-class sigmoids over ``threshold``, or, for a model trained with the naive softmax loss, by
+    argmax over background + its label space (``softmax_space``, a :class:`fedtextseg.losses.SoftmaxLabelSpace`).
+    """
     acc = MetricAccumulator(class_names, with_hd95=with_hd95)
     keep = list(keep_largest)
     for item in dataset:
@@ -272,7 +277,10 @@ def evaluate(
             model, item["image"], task, roi_size=roi_size, overlap=overlap, device=device, precision=precision,
             extra=extra,
         )
-        masks = postprocess(torch.sigmoid(logits), threshold, keep)
+        if softmax_space is not None:
+            masks = postprocess(softmax_space.decide(logits).float(), 0.5, keep)
+        else:
+            masks = postprocess(torch.sigmoid(logits), threshold, keep)
         acc.add_case(masks, torch.as_tensor(item["label"]) > 0.5, item["annotated"], _spacing_of(item))
     summary = acc.summary()
     for values in summary.values():

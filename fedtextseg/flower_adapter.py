@@ -25,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from fedtextseg.errors import FedTextSegError
 from fedtextseg.federation.aggregation import SiteUpdate
 from fedtextseg.federation.frozen import MISSING_FROZEN, FrozenBundle, FrozenCache
+from fedtextseg.federation.identity import IDENTITY_KEYS
 
 ARRAYS_KEY = "arrays"  # Flower's default record keys
 METRICS_KEY = "metrics"
@@ -34,6 +35,7 @@ ANNOTATED_KEY = "meta.annotated"
 HAS_PREFIX = "has"
 FROZEN_ARRAYS_KEY = "frozen"
 FROZEN_INFO_KEY = "frozen-info"
+SITE_KEY = "site"  # ConfigRecord of a reply: the site's name, task and (train) model identity
 
 
 # ---------------------------------------------------------------- arrays
@@ -246,7 +248,12 @@ def content_to_site_update(content: RecordDict, node: Any) -> SiteUpdate:
     if NUM_EXAMPLES_KEY not in metrics:
         raise FedTextSegError(f"site '{node}': reply lacks metric '{NUM_EXAMPLES_KEY}'")
     n = metrics.pop(NUM_EXAMPLES_KEY)
-    return SiteUpdate(node=str(node), arrays=arrays, num_examples=int(n), annotated=annotated, metrics=metrics)
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise FedTextSegError(f"site '{node}': metric '{NUM_EXAMPLES_KEY}' must be an integer, got {n!r}")
+    site = content.config_records.get(SITE_KEY)
+    identity = {k: str(site[k]) for k in IDENTITY_KEYS if k in site} if site is not None else {}
+    return SiteUpdate(node=str(node), arrays=arrays, num_examples=n, annotated=annotated, metrics=metrics,
+                      identity=identity)
 
 
 # ---------------------------------------------------------------- frozen bundle on the wire

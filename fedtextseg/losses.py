@@ -11,6 +11,10 @@ annotate receive exactly zero gradient from :class:`PartialLabelLoss` in ``"mask
   (a tumor and its organ) plus :data:`DEFAULT_OVERLAPS`.
 * :class:`ConditionalDistillation` – ConDistFL's distillation of unannotated classes from the round's global model
   (temperature-softened sigmoid targets), on voxels that are not local foreground.
+* ``naive``    – the baseline the partial-label losses exist to beat (:class:`NaiveSoftmaxLoss`): one softmax over
+  background + a fixed label space (the federation's union of classes), every class a site does not annotate
+  treated as background, so sites contradict each other about the same anatomy. Background is a constant zero
+  logit; :meth:`SoftmaxLabelSpace.decide` turns logits into masks by argmax for evaluating such runs.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ from torch import nn
 
 from fedtextseg.vocab import Vocabulary
 
-__all__ = ["PartialLabelLoss", "ConditionalDistillation", "overlap_matrix", "DEFAULT_OVERLAPS", "build_loss"]
+__all__ = ["PartialLabelLoss", "ConditionalDistillation", "SoftmaxLabelSpace", "NaiveSoftmaxLoss", "overlap_matrix",
+           "DEFAULT_OVERLAPS", "build_loss", "LOSS_MODES"]
+
+LOSS_MODES = ("masked", "marginal", "distill", "naive")
 
 # Pairs of classes that may share voxels besides tumor-in-organ (vessels run through the liver, etc.).
 DEFAULT_OVERLAPS: tuple[tuple[str, str], ...] = (
@@ -149,11 +156,97 @@ class ConditionalDistillation(nn.Module):
         return (kd * weight).sum() / weight.sum()
 
 
+class SoftmaxLabelSpace:
+    """Background + ``classes`` as one softmax: target indices from multi-channel labels, masks from logits.
+
+    Index 0 is background (a constant zero logit), index ``k >= 1`` is ``classes[k - 1]`` (vocabulary order). A
+    voxel labeled with both a tumor and its organ is the tumor (the more specific class); in the masks
+    :meth:`decide` returns, a tumor voxel also counts toward its organ, as in the universal targets.
+    """
+
+    def __init__(self, vocab: Vocabulary, classes: Iterable[str] | None = None):
+        names = vocab.resolve_many(classes) if classes else list(vocab.class_names)
+        self.num_classes = vocab.num_classes
+        self.names = names
+        self.indices = torch.tensor([vocab.index(c) for c in names], dtype=torch.long)
+        self.mask = torch.zeros(vocab.num_classes, dtype=torch.bool)
+        self.mask[self.indices] = True
+        # more specific classes (tumors: their voxels also carry the organ) win a voxel
+        self.priority = torch.tensor([1.0 + len(vocab.parent_channels(c)) for c in names])
+        self.parents = {i: [names.index(p) for p in vocab.parent_channels(c) if p in names]
+                        for i, c in enumerate(names)}
+
+    def target_index(self, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+        """``target [B, C, N]`` + ``annotated [B, C]`` -> class index ``[B, N]`` (0: background, which includes
+        every voxel of a class the sample's site does not annotate)."""
+        idx = self.indices.to(target.device)
+        known = target[:, idx] * annotated[:, idx].to(target.dtype).unsqueeze(-1)  # [B, K, N]
+        score = known * self.priority.to(target.device, target.dtype)[None, :, None]
+        best = score.argmax(1) + 1
+        return torch.where(known.amax(1) > 0, best, torch.zeros_like(best))
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B, C, ...]`` -> ``[B, 1 + K, ...]``: a zero background logit, then the label space's channels."""
+        picked = logits[:, self.indices.to(logits.device)]
+        return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)
+
+    def decide(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits ``[C, *spatial]`` of one case -> binary masks ``[C, *spatial]`` by argmax over background + the
+        label space; a tumor voxel is also marked in its organ's channel (the likeliest side of a composite)."""
+        full = self.full_logits(logits.unsqueeze(0))[0]
+        winner = full.argmax(0)
+        masks = torch.zeros((self.num_classes, *logits.shape[1:]), dtype=torch.uint8)
+        for k, channel in enumerate(self.indices.tolist()):
+            here = winner == k + 1
+            masks[channel] |= here.to(torch.uint8)
+            parents = self.parents[k]
+            if parents and here.any():
+                side = full[[p + 1 for p in parents]].argmax(0)
+                for j, p in enumerate(parents):
+                    masks[int(self.indices[p])] |= (here & (side == j)).to(torch.uint8)
+        return masks
+
+
+class NaiveSoftmaxLoss(nn.Module):
+    """Cross-entropy + soft Dice over one softmax (background + the label space), unannotated classes = background.
+    The Dice term is one Dice per class over the batch, averaged over the classes present in its targets.
+
+    Every channel of the label space receives gradient at every site, whether or not the site annotates it: this
+    is the label conflict of naive FedAvg on partially labeled data (a liver site teaches "kidney = background").
+    Channels outside the label space are not used.
+    """
+
+    def __init__(self, space: SoftmaxLabelSpace, dice_weight: float = 1.0, ce_weight: float = 1.0,
+                 smooth: float = 1e-5):
+        super().__init__()
+        self.space = space
+        self.dice_weight = dice_weight
+        self.ce_weight = ce_weight
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+        full = self.space.full_logits(_flat(logits.float()))  # [B, 1 + K, N]
+        index = self.space.target_index(_flat(target.float()), annotated)  # [B, N]
+        ce = F.cross_entropy(full, index)
+        prob = torch.softmax(full, dim=1)[:, 1:]  # foreground classes
+        onehot = F.one_hot(index, full.shape[1]).permute(0, 2, 1)[:, 1:].to(prob.dtype)
+        inter = (prob * onehot).sum((0, 2))
+        denom = prob.sum((0, 2)) + onehot.sum((0, 2))
+        dice = 1.0 - (2.0 * inter + self.smooth) / (denom + self.smooth)  # one per class, over the batch
+        present = onehot.sum((0, 2)) > 0  # classes absent from the batch are left to the cross-entropy
+        dice = torch.where(present, dice, torch.zeros_like(dice)).sum() / present.sum().clamp_min(1)
+        return self.ce_weight * ce + self.dice_weight * dice
+
+
 def build_loss(mode: str, vocab: Vocabulary, dice_weight: float = 1.0, bce_weight: float = 1.0,
-               batch_dice: bool = False) -> PartialLabelLoss:
-    """The partial-label loss a config names (``masked`` | ``marginal``; ``distill`` uses masked + distillation)."""
+               batch_dice: bool = False, label_space: Iterable[str] | None = None) -> nn.Module:
+    """The loss a config names: ``masked`` | ``marginal`` | ``distill`` (masked + distillation) | ``naive``
+    (softmax over background + ``label_space``, default every vocabulary class)."""
+    if mode not in LOSS_MODES:
+        raise ValueError(f"unknown loss {mode!r} ({' | '.join(LOSS_MODES)})")
+    if mode == "naive":
+        return NaiveSoftmaxLoss(SoftmaxLabelSpace(vocab, label_space), dice_weight=dice_weight, ce_weight=bce_weight)
     base = "masked" if mode in ("masked", "distill") else mode
     overlaps = overlap_matrix(vocab) if base == "marginal" else None
     return PartialLabelLoss(base, dice_weight=dice_weight, bce_weight=bce_weight, overlaps=overlaps,
                             batch_dice=batch_dice)
-

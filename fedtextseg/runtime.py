@@ -222,7 +222,10 @@ class SiteRunner:
                 seed=int(cfg.run.seed), feature_fn=feature_fn, feature_key=feature_key,
             )
         vocab = self.site.vocabulary
-        self.loss_fn = build_loss(cfg.train.loss, vocab, batch_dice=bool(cfg.train.get("batch_dice", False)))
+        self.loss_fn = build_loss(cfg.train.loss, vocab, batch_dice=bool(cfg.train.get("batch_dice", False)),
+                                  label_space=cfg.train.get("naive_classes"))
+        # naive softmax runs (train.loss=naive) are evaluated by argmax over background + their label space
+        self.softmax_space = getattr(self.loss_fn, "space", None)
         self.distill_fn = ConditionalDistillation(float(cfg.train.distill_temperature))
         # largest-connected-component clean-up: organs only (tumors are often multifocal)
         self.keep_largest = [i for i, c in enumerate(vocab.classes) if c.parent is None] if cfg.eval.keep_largest else []
@@ -251,6 +254,21 @@ class SiteRunner:
         groups = self.model.param_groups()
         state = self.model.state_dict()
         return {k: state[k].detach().cpu().numpy().copy() for k in [*groups.shared, *groups.per_class]}
+
+    def trained_classes_mask(self) -> np.ndarray:
+        """Bool [C]: the classes whose per-class rows this site's training shapes, i.e. what class-aware aggregation
+        counts it for: its annotated classes, or the whole label space under the naive softmax loss (which trains
+        every class, unannotated ones towards background)."""
+        if self.softmax_space is not None:
+            return self.softmax_space.mask.numpy().copy()
+        return self.site.annotated_mask()
+
+    def identity(self) -> dict[str, str]:
+        """What this site's model was built from (name, architecture, frozen and bank hashes, library version): sent
+        with every train reply so the server refuses an update from a model that is not the run's."""
+        from fedtextseg.federation.identity import model_identity
+
+        return model_identity(self.cfg.model.name, self.model)
 
     @property
     def num_examples(self) -> int:
@@ -299,7 +317,7 @@ class SiteRunner:
             self.model, items, self.site.vocabulary.class_names, roi_size=self.roi_size,
             overlap=float(self.cfg.eval.overlap), threshold=float(self.cfg.eval.threshold),
             keep_largest=self.keep_largest, device=self.device, precision=self.cfg.run.precision,
-            with_hd95=bool(self.cfg.eval.hd95), task_override=task_override,
+            with_hd95=bool(self.cfg.eval.hd95), task_override=task_override, softmax_space=self.softmax_space,
         )
 
     def all_cases_dataset(self):

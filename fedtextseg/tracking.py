@@ -15,6 +15,7 @@ cell only where that site annotates the class.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -25,9 +26,22 @@ from typing import Any, Iterable, Mapping
 from omegaconf import DictConfig
 
 from fedtextseg.config import save_resolved
-from fedtextseg.errors import ConfigError
+from fedtextseg.errors import ConfigError, FedTextSegError
 
-__all__ = ["RunRecorder", "read_metrics", "dice_table", "format_table", "environment_info"]
+log = logging.getLogger(__name__)
+
+__all__ = ["RunRecorder", "read_metrics", "dice_table", "format_table", "environment_info", "cpu_model"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def environment_info() -> dict[str, Any]:
@@ -95,8 +109,12 @@ class RunRecorder:
 
     def log(self, kind: str, round: int | None = None, **values: Any) -> None:
         row = {"time": round_time(), "round": round, "kind": kind, **_clean(values)}
-        with self.metrics_path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        try:
+            with self.metrics_path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        except OSError as exc:  # disk full mid-run: say where and what to do, not a bare traceback
+            raise FedTextSegError(f"{self.metrics_path}: cannot record the run ({exc.strerror or exc}); free space "
+                                  "there and resume the run from its last checkpoint") from None
 
     def log_per_class(self, kind: str, round: int | None, site: str, summary: Mapping[str, Mapping[str, float]]) -> None:
         for cls, values in summary.items():
@@ -121,9 +139,17 @@ def read_metrics(path: str | Path) -> list[dict]:
     if path.is_dir():
         path = path / "metrics.jsonl"
     rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
+    lines = path.read_text(errors="replace").splitlines()
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
             rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i == len(lines):  # the last write of a killed process, cut short: that row never happened
+                log.warning("%s: ignoring an incomplete last line (the run was interrupted while writing it)", path)
+                break
+            raise FedTextSegError(f"{path}: line {i} is not a JSON record ({exc})") from None
     return rows
 
 

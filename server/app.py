@@ -65,13 +65,14 @@ def main(grid: Grid, context: Context) -> None:
     if rc.get("results-dir"):
         cfg.run.results_dir = str(rc["results-dir"])
     try:
-        wanted = min(len(ensure_data(cfg)), int(cfg.federation.get("min_sites", 1)))
+        num_sites = len(ensure_data(cfg))
+        wanted = min(num_sites, int(cfg.federation.get("min_sites", 1)))
     except ConfigError as exc:  # deployment: the images stay at the sites, each SuperNode names its own site-path
-        wanted = int(cfg.federation.get("min_sites", 1))
+        num_sites, wanted = None, int(cfg.federation.get("min_sites", 1))
         print(f"no site list on the server ({exc}); waiting for federation.min_sites={wanted} SuperNodes")
     name = str(rc.get("run-name") or cfg.run.name or f"{cfg.run.experiment}-{datetime.now():%Y%m%d-%H%M%S}")
     run_dir = Path(cfg.run.results_dir).expanduser().resolve() / name
-    coord = Coordinator(cfg, run_dir, resume=bool(rc.get("resume", False)))
+    coord = Coordinator(cfg, run_dir, resume=bool(rc.get("resume", False)), num_sites=num_sites)
     timeout = float(cfg.federation.get("round_timeout", 3600))
     _wait_for_nodes(grid, wanted)
     unseen = unseen_site(cfg) if cfg.federation.get("evaluate_unseen", True) else None
@@ -81,7 +82,9 @@ def main(grid: Grid, context: Context) -> None:
         from server.secure import SecureRounds  # Flower's SecAgg+ workflow, round by round (docs/privacy.md)
 
         secure = SecureRounds(coord, grid, context, timeout)
+    names: dict[int, str] = {}  # node id -> site name, learned from replies (failures are recorded by site name)
     for round_ in range(coord.start_round, coord.total_rounds + 1):
+        timeout = coord.round_timeout(round_)  # the first round may be given longer (sites preprocess then)
         # with SecAgg+ no plain train message is sent: the training part of the round is secure.train_round below
         messages, sent = _messages(coord, grid, round_, MessageType.TRAIN) if secure is None else ([], {})
         replies = list(grid.send_and_receive(messages, timeout=timeout))
@@ -91,18 +94,18 @@ def main(grid: Grid, context: Context) -> None:
             if reply.has_error():
                 if is_missing_frozen(reply):
                     coord.distributor.mark_missing(node)
-                failures[f"node-{node}"] = str(reply.error.reason)
+                failures[names.get(node, f"node-{node}")] = str(reply.error.reason)
                 continue
-            site = _site_name(reply)
+            site = names[node] = _site_name(reply)
             try:
                 updates.append(content_to_site_update(reply.content, site))
             except Exception as exc:  # a malformed reply excludes that site, not the round
                 failures[site] = str(exc)
                 continue
             sent_by_site[site], received[site] = sent[node], record_nbytes(reply.content)
-        missing = len(messages) - len(replies)
-        if missing > 0:
-            failures["(no reply)"] = f"{missing} node(s) did not answer within {timeout:.0f}s"
+        answered = {reply.metadata.src_node_id for reply in replies}
+        for node in sorted({m.metadata.dst_node_id for m in messages} - answered):  # crashed, hung or offline
+            failures[names.get(node, f"node-{node}")] = f"no reply within {timeout:.0f}s (federation.round_timeout)"
         if secure is not None:  # SecAgg+: the sites' updates reach the server only as their (weighted) sum
             secure.train_round(round_)
         else:
@@ -113,10 +116,12 @@ def main(grid: Grid, context: Context) -> None:
             if reply.has_error():
                 if is_missing_frozen(reply):
                     coord.distributor.mark_missing(reply.metadata.src_node_id)
-                coord.recorder.log("failure", round_, site=f"node-{reply.metadata.src_node_id}",
+                coord.recorder.log("failure", round_, site=names.get(reply.metadata.src_node_id,
+                                                                     f"node-{reply.metadata.src_node_id}"),
                                    reason=f"evaluate: {reply.error.reason}")
                 continue
-            coord.record_site_eval(round_, _site_name(reply), eval_reply_summary(reply.content, coord.bank.class_names))
+            site = names[reply.metadata.src_node_id] = _site_name(reply)
+            coord.record_site_eval(round_, site, eval_reply_summary(reply.content, coord.bank.class_names))
         if unseen is not None:
             coord.evaluate_unseen(round_, unseen)
         coord.checkpoint(round_)

@@ -11,20 +11,26 @@ from fedtextseg.text import build_bank
 pytestmark = pytest.mark.slow
 
 
-def test_three_sites_two_rounds_flower_simulation(tmp_path, monkeypatch, capsys):
+def tiny_simulation(tmp_path, monkeypatch, *extra: str) -> tuple:
+    """(results folder, overrides) of a tiny 3-site simulation in ``tmp_path``: Flower's state kept there, a MiniLM
+    bank on disk, 3 synthetic hospitals of 2 cases at 32^3 generated on first use; ``extra`` overrides appended."""
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
     monkeypatch.setenv("RAY_TMPDIR", "/tmp/ray-fts-test")
     monkeypatch.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     data, results = tmp_path / "hospitals", tmp_path / "results"
     data.mkdir()
     build_bank("abdomen-ct", encoder="sentence-minilm", log=lambda *_: None).save(data / "bank.pt")
-    overrides = " ".join([
+    return results, " ".join([
         f"data.root={data}", f"run.results_dir={results}", f"text.bank={data / 'bank.pt'}",
         "data.generate.sites=3", "data.generate.cases_per_site=2", "data.generate.shape=[32,32,32]",
-        "federation.rounds=2", "train.local_steps=2", "train.batch_size=1", "data.preprocess.num_crops=1",
+        "train.local_steps=2", "train.batch_size=1", "data.preprocess.num_crops=1",
         "data.preprocess.patch_size=[16,16,16]", "data.preprocess.spacing=[12,12,12]", "data.val_fraction=0.5",
-        "eval.max_cases=1", "eval.hd95=false",
+        "eval.max_cases=1", "eval.hd95=false", *extra,
     ])
+
+
+def test_three_sites_two_rounds_flower_simulation(tmp_path, monkeypatch, capsys):
+    results, overrides = tiny_simulation(tmp_path, monkeypatch, "federation.rounds=2")
     code = simulate_main(["--experiment", "demo", "--overrides", overrides, "--run-name", "sim"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]

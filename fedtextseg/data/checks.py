@@ -2,7 +2,8 @@
 
 :func:`check_site` reads every case and reports, each as ``(file, problem)``: unreadable/corrupt/truncated files,
 2D files where 3D volumes are expected, NaN/Inf intensities, non-invertible affines, image/label shape or affine
-mismatches (affine tolerance :data:`fedtextseg.data.io.AFFINE_TOLERANCE`), non-integer or undeclared label values,
+mismatches (affine tolerance :data:`fedtextseg.data.io.AFFINE_TOLERANCE`), voxel sizes outside
+:data:`PLAUSIBLE_SPACING` (a header in metres, or a zero pixdim), non-integer or undeclared label values,
 and annotated classes that are empty in every labeled case. ``full=True`` checks every case; ``full=False`` stops
 after the first case with a problem. The :class:`SiteReport` also summarises cases, spacing and shape ranges and
 voxels per vocabulary channel (as the model sees them: composites split by side, tumors counted in their organ).
@@ -28,6 +29,7 @@ from fedtextseg.errors import FedTextSegError, SiteError
 
 __all__ = ["SiteReport", "check_site", "check_site_main"]
 
+PLAUSIBLE_SPACING = (0.01, 50.0)  # mm per voxel axis: CT/MR voxels outside this mean a wrong header
 _INFO = "info: "  # prefix of fedtextseg.data.xray findings that are notes, not problems
 
 
@@ -106,6 +108,12 @@ def _check_case(case, site: Site, coder: LabelCoder, atol: float):
         image = read_nifti(case.image, expect_dims=3)
     except SiteError as exc:
         problems.append((exc.path, exc.problem))
+    if image is not None:
+        spacing = image.info["spacing"]
+        if not all(PLAUSIBLE_SPACING[0] <= s <= PLAUSIBLE_SPACING[1] for s in spacing):
+            problems.append((str(case.image), f"implausible voxel size {tuple(round(s, 6) for s in spacing)} mm "
+                             f"(expected {PLAUSIBLE_SPACING[0]:g}-{PLAUSIBLE_SPACING[1]:g} mm per axis); check the "
+                             "header's pixdim / affine"))
     if case.label is None:
         return problems, image.info if image else None, None
     try:

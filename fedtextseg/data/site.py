@@ -176,13 +176,23 @@ def _pair_nifti(images_dir: Path, labels_dir: Path | None, labels_required: bool
 
 
 def _resolve_label_map(raw: dict, vocab: Vocabulary, source: Path) -> dict[int, str]:
+    if not isinstance(raw, dict):
+        raise SiteError(source, f"label map must be a mapping of label value -> class name, got {type(raw).__name__}")
     out: dict[int, str] = {}
     problems = []
-    for key, name in (raw or {}).items():
+    for key, name in raw.items():
         try:
+            if isinstance(key, bool) or (isinstance(key, float) and not key.is_integer()):
+                raise ValueError
             value = int(key)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             problems.append(f"label value {key!r} is not an integer")
+            continue
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"label value {value}: class name must be a non-empty string, got {name!r}")
+            continue
+        if value in out:
+            problems.append(f"label value {value} is given twice ({out[value]!r} and {name!r})")
             continue
         if value == 0:
             if str(name).strip().lower() not in ("background", "bg", "none", "0"):
@@ -212,18 +222,67 @@ def _annotated_from(label_map: dict[int, str], raw: list | None, vocab: Vocabula
     try:
         if raw is None:
             return vocab.resolve_many(label_map.values())
-        return vocab.resolve_many(raw)
+        annotated = vocab.resolve_many(raw)
     except UnknownClassError as exc:
         raise SiteError(source, f"annotated classes: {exc}") from None
+    labeled = set(vocab.resolve_many(label_map.values()))
+    frontier = list(labeled)
+    while frontier:  # a tumor's voxels also count toward its organ (fedtextseg.data.labels)
+        for parent in vocab.parent_channels(frontier.pop()):
+            if parent not in labeled:
+                labeled.add(parent)
+                frontier.append(parent)
+    unlabeled = [c for c in annotated if c not in labeled]
+    if unlabeled:
+        raise SiteError(source, f"annotated class(es) {', '.join(map(repr, unlabeled))} have no value in the label "
+                                "map: every voxel would teach the model 'absent'; add them to label_map or drop them "
+                                "from 'annotated'")
+    return annotated
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: let PyYAML report it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+# site.yaml keys whose values must be of one kind (anything else would fail later, less clearly)
+_SPEC_TYPES = {"name": (str, int), "task": (str,), "vocabulary": (str,), "format": (str,), "images": (str,),
+               "labels": (str,), "csv": (str,), "root": (str,), "label_map": (dict,), "annotated": (list,),
+               "privacy": (dict,)}
+
+
+def _check_spec(spec: dict, path: Path) -> None:
+    for key, kinds in _SPEC_TYPES.items():
+        value = spec.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            want = " or ".join({"str": "a string", "int": "an integer", "dict": "a mapping",
+                                "list": "a list"}[k.__name__] for k in kinds)
+            raise SiteError(path, f"'{key}' must be {want}, got {type(value).__name__} {value!r:.60}")
+    if isinstance(spec.get("annotated"), list) and not all(isinstance(c, str) for c in spec["annotated"]):
+        raise SiteError(path, f"'annotated' must be a list of class names, got {spec['annotated']!r:.80}")
 
 
 def _load_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader subclass
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as exc:
         raise SiteError(path, f"cannot read site description: {exc}") from None
     if not isinstance(data, dict):
         raise SiteError(path, "site description must be a YAML mapping")
+    _check_spec(data, path)
     return data
 
 
@@ -261,8 +320,10 @@ def load_site(path: str | Path, vocabulary: Vocabulary | str | None = None) -> S
     if msd_path.is_file():
         try:
             msd = json.loads(msd_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SiteError(msd_path, f"cannot read dataset.json: {exc}") from None
+        if not isinstance(msd, dict):
+            raise SiteError(msd_path, f"dataset.json must hold a JSON object, got {type(msd).__name__}")
     if not spec and not msd:
         raise SiteError(root, f"not a site: neither {SITE_FILE} nor dataset.json found")
     source = spec_path if spec else msd_path

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
@@ -149,6 +150,8 @@ class PreprocessConfig:
         return hashlib.sha256(json.dumps(cached, sort_keys=True).encode()).hexdigest()[:16]
 
 
+MAX_RESAMPLED_VOXELS = 512**3  # a 77 cm cube at 1.5 mm; far beyond any body at the training spacing
+
 _CACHED_FIELDS = ("spacing", "orientation", "hu_window", "body_threshold", "patch_size", "tile")
 
 
@@ -161,9 +164,24 @@ class LoadNiftid(MapTransform):
     that does not lie on the image grid (shape, or affine beyond ``atol``) is a SiteError.
     """
 
-    def __init__(self, image_key: str = "image", label_key: str = "label", atol: float = AFFINE_TOLERANCE):
+    def __init__(self, image_key: str = "image", label_key: str = "label", atol: float = AFFINE_TOLERANCE,
+                 target_spacing: Sequence[float] | None = None, max_voxels: int = MAX_RESAMPLED_VOXELS):
         super().__init__([image_key, label_key], allow_missing_keys=True)
         self.image_key, self.label_key, self.atol = image_key, label_key, atol
+        self.target_spacing, self.max_voxels = target_spacing, int(max_voxels)
+
+    def _check_resampled_size(self, vol) -> None:
+        """A header whose voxel size is off by orders of magnitude (metres for millimetres) would make the resampled
+        grid too large for memory: refuse it, naming the file, before Spacingd tries."""
+        if self.target_spacing is None:
+            return
+        shape = [max(1, round(n * s / t)) for n, s, t in zip(vol.info["shape"], vol.info["spacing"],
+                                                             self.target_spacing)]
+        if math.prod(shape) > self.max_voxels:
+            raise SiteError(vol.info["path"], f"voxel size {tuple(round(s, 4) for s in vol.info['spacing'])} mm "
+                            f"resampled to {tuple(self.target_spacing)} mm gives a {tuple(shape)} grid "
+                            f"({math.prod(shape) / 1e6:.0f} M voxels, limit {self.max_voxels / 1e6:.0f} M): the "
+                            "header's voxel size (pixdim / affine) is probably wrong")
 
     @staticmethod
     def _to_meta_tensor(vol, dtype) -> MetaTensor:
@@ -182,6 +200,7 @@ class LoadNiftid(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         image = read_nifti(d[self.image_key])
+        self._check_resampled_size(image)
         d[self.image_key] = self._to_meta_tensor(image, np.float32)
         if d.get(self.label_key) is not None:
             label = read_label(d[self.label_key])
@@ -296,7 +315,7 @@ def preprocess_transform(site: Site, cfg: PreprocessConfig, feature_fn: FeatureF
     """
     keys = ["image", "label"] if with_label else ["image"]
     modes = ("bilinear", "nearest") if with_label else ("bilinear",)
-    steps: list = [LoadNiftid(), EnsureChannelFirstd(keys=keys, channel_dim="no_channel")]
+    steps: list = [LoadNiftid(target_spacing=cfg.spacing), EnsureChannelFirstd(keys=keys, channel_dim="no_channel")]
     if with_label:
         steps.append(EncodeLabelsd(site))
     steps += [

@@ -11,11 +11,15 @@ What crosses the wire each round is the ``shared`` group plus the ``per_class`` 
   diluted four times.
 
 Sums are computed in float64 and cast back to the global dtype (integer arrays are rounded).
-``validate_update`` lists what is wrong with one site's update so a server can exclude it and record why.
+``validate_update`` lists what is wrong with one site's update so a server can exclude it and record why;
+``screen_updates`` applies it, the model-identity check (``fedtextseg.federation.identity``) and the outlier screen
+(``screen_outliers``: an update whose distance to the global model is ``outlier_factor`` times the median distance
+of the round's other updates, or above an absolute ``max_update_norm``, is a diverged or hostile site).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +41,7 @@ class SiteUpdate:
     num_examples: int
     annotated: np.ndarray
     metrics: dict = field(default_factory=dict)
+    identity: dict = field(default_factory=dict)  # what the site's model was built from (federation.identity)
 
     def __post_init__(self) -> None:
         self.node = str(self.node)
@@ -159,16 +164,69 @@ def validate_update(global_arrays: Mapping[str, np.ndarray], update: SiteUpdate,
 
 
 def screen_updates(global_arrays: Mapping[str, np.ndarray], updates: Sequence[SiteUpdate], groups: Any,
-                   num_classes: int | None = None) -> tuple[list[SiteUpdate], dict[str, list[str]]]:
-    """Split updates into usable ones and ``{node: problems}`` for the rejected (server records why)."""
+                   num_classes: int | None = None, *, expected_identity: Mapping[str, str] | None = None,
+                   outlier_factor: float | None = None,
+                   max_update_norm: float | None = None) -> tuple[list[SiteUpdate], dict[str, list[str]]]:
+    """Split updates into usable ones and ``{node: problems}`` for the rejected (server records why).
+
+    In order: malformed arrays (``validate_update``), a model identity other than ``expected_identity``
+    (``identity_problems``), then among the well-formed ones the outliers (``screen_outliers``).
+    """
+    from fedtextseg.federation.identity import identity_problems
+
     good, rejected = [], {}
     for u in updates:
         p = validate_update(global_arrays, u, groups, num_classes)
+        if not p and expected_identity:
+            p = identity_problems(u, expected_identity)
         if p:
             rejected[u.node] = p
         else:
             good.append(u)
+    good, outliers = screen_outliers(global_arrays, good, factor=outlier_factor, max_norm=max_update_norm)
+    rejected.update(outliers)
     return good, rejected
+
+
+def update_distance(global_arrays: Mapping[str, np.ndarray], update: SiteUpdate) -> float:
+    """L2 distance (float64) between a site's arrays and the global ones, over every float array of the global."""
+    total = 0.0
+    for k, ref in global_arrays.items():
+        ref = np.asarray(ref)
+        if ref.dtype.kind in "fc" and k in update.arrays:
+            diff = np.asarray(update.arrays[k], dtype=np.float64) - ref.astype(np.float64)
+            total += float(np.vdot(diff, diff).real)
+    return math.sqrt(total) if math.isfinite(total) else math.inf
+
+
+def screen_outliers(global_arrays: Mapping[str, np.ndarray], updates: Sequence[SiteUpdate], *,
+                    factor: float | None = None,
+                    max_norm: float | None = None) -> tuple[list[SiteUpdate], dict[str, list[str]]]:
+    """Drop absurdly large updates (a diverged or hostile site): ``(kept, {node: [why]})``.
+
+    ``max_norm``: an absolute limit on an update's distance to the global model. ``factor``: an update is an
+    outlier when its distance exceeds ``factor`` times the median distance of the round's OTHER updates
+    (leave-one-out, so with two sites the honest one is kept and the huge one dropped); not judged when that median
+    is 0. A median tolerates outliers only while they are a minority: one of three sites, two of five.
+    """
+    if not updates or (not factor and max_norm is None):
+        return list(updates), {}
+    dist = [update_distance(global_arrays, u) for u in updates]
+    kept, rejected = [], {}
+    for i, u in enumerate(updates):
+        d = dist[i]
+        others = [x for j, x in enumerate(dist) if j != i]
+        ref = float(np.median(others)) if others else 0.0
+        if max_norm is not None and d > float(max_norm):
+            rejected[u.node] = [f"site '{u.node}': update distance to the global model {d:.3g} exceeds "
+                                f"federation.max_update_norm={float(max_norm):g} (diverged or hostile site)"]
+        elif factor and ref > 0 and d > float(factor) * ref:
+            rejected[u.node] = [f"site '{u.node}': update distance to the global model {d:.3g} is {d / ref:.3g}x "
+                                f"the median of the other sites ({ref:.3g}), above federation.outlier_factor="
+                                f"{float(factor):g} (diverged or hostile site)"]
+        else:
+            kept.append(u)
+    return kept, rejected
 
 
 def _weights(updates: Sequence[SiteUpdate], weighting: str) -> np.ndarray:

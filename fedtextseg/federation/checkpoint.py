@@ -246,11 +246,27 @@ def save_checkpoint(run_dir: str | Path, round: int, global_arrays: Mapping[str,
         "rng": _split(capture_rng_state(), arrays, "rng") if rng else None,
     }
     path = checkpoint_path(run_dir, round)
-    write_archive(path, manifest, arrays)
+    _remove_stale_temp_files(path.parent)
+    try:
+        write_archive(path, manifest, arrays)
+    except OSError as exc:  # disk full, folder gone or read-only: the previous checkpoints are untouched
+        raise FedTextSegError(f"{path}: cannot write the round-{int(round)} checkpoint ({exc.strerror or exc}); "
+                              f"the previous checkpoint is kept: free space in {path.parent} and resume the run"
+                              ) from None
     for _, old in list_checkpoints(run_dir)[:-keep]:
         with contextlib.suppress(FileNotFoundError):
             old.unlink()
     return path
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Temp files another (killed) process left half-written: never a checkpoint, only clutter and used space."""
+    if not folder.is_dir():
+        return
+    for p in folder.glob(".round-*.ckpt.tmp-*"):
+        if not p.name.endswith(f".tmp-{os.getpid()}"):
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -24,9 +24,11 @@ from omegaconf import DictConfig
 from fedtextseg.federation.aggregation import SiteUpdate, aggregate, class_coverage, screen_updates
 from fedtextseg.federation.checkpoint import load_latest, save_checkpoint
 from fedtextseg.federation.frozen import FrozenBundle, FrozenDistributor
+from fedtextseg.federation.identity import model_identity
 from fedtextseg.federation.server_opt import make_server_optimizer
 from fedtextseg.metrics import mean_over_classes
 from fedtextseg.params import count_params, merge_into
+from fedtextseg.preflight import preflight
 from fedtextseg.privacy.server import record_privacy, run_key_for, split_declined
 from fedtextseg.runtime import build_model, prepare_bank
 from fedtextseg.tracking import RunRecorder, dice_table, environment_info, format_table, read_metrics
@@ -43,7 +45,8 @@ class RoundOutcome(dict):
 class Coordinator:
     """Global model state and the round logic of one federated run."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path, *, resume: bool = False, log_fn=print):
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, *, resume: bool = False, log_fn=print,
+                 num_sites: int | None = None):
         self.cfg = cfg
         self.log_fn = log_fn
         self.total_rounds = int(cfg.federation.rounds)
@@ -56,6 +59,13 @@ class Coordinator:
         state = self.model.state_dict()
         self.wire_names = list(self.groups.shared) + list(self.groups.per_class)
         self.global_arrays = {k: state[k].detach().cpu().numpy().copy() for k in self.wire_names}
+        wire_bytes = int(sum(a.nbytes for a in self.global_arrays.values()))
+        full_bytes = int(sum(t.numel() * t.element_size() for t in state.values()))  # full-model FedAvg, per round
+        # before any training: bad options, a patch the model cannot take, a results disk without room
+        # (a checkpoint holds the wire arrays plus up to two server-optimiser moments of the same size)
+        preflight(cfg, self.model, self.recorder.run_dir, checkpoint_bytes=3 * wire_bytes, model_bytes=full_bytes,
+                  num_sites=num_sites)
+        self.identity = model_identity(cfg.model.name, self.model)  # what every site's model must match
         self.frozen = FrozenBundle(
             {k: state[k].detach().cpu().numpy() for k in self.groups.frozen_common},
             meta={"class_names": list(self.bank.class_names), "task_names": list(self.bank.task_names),
@@ -71,8 +81,6 @@ class Coordinator:
         self._unseen = None
         if resume:
             self._resume()
-        wire_bytes = int(sum(a.nbytes for a in self.global_arrays.values()))
-        full_bytes = int(sum(t.numel() * t.element_size() for t in state.values()))  # full-model FedAvg, per round
         self.recorder.update_metadata(full_model_bytes=full_bytes,
             experiment=cfg.run.experiment, provenance=self.model.provenance, text_bank=self.bank.provenance(),
             frozen_hash=self.frozen.content_hash, frozen_bytes=self.frozen.nbytes, wire_bytes=wire_bytes,
@@ -91,6 +99,7 @@ class Coordinator:
         ckpt = load_latest(self.recorder.run_dir)
         if ckpt is None:
             self.log_fn(f"resume: no checkpoint in {self.recorder.run_dir}; starting at round 1")
+            self.recorder.truncate_after(0)  # rows of a round 1 that never completed would be counted twice
             return
         missing = set(self.wire_names) - set(ckpt.global_arrays)
         if missing:
@@ -110,6 +119,15 @@ class Coordinator:
                 "prox-mu": float(self.cfg.federation.get("prox_mu", 0.0) or 0.0),
                 "run-key": run_key_for(self.recorder)}  # names the sites' privacy ledgers (kept on resume)
 
+    def round_timeout(self, round_: int) -> float:
+        """Seconds to wait for the sites' replies: ``federation.first_round_timeout`` (when set) for the first round
+        this server runs, where every site also receives the frozen parts, builds its model and preprocesses its
+        data, else ``federation.round_timeout``."""
+        first = self.cfg.federation.get("first_round_timeout")
+        if first is not None and round_ == self.start_round:
+            return float(first)
+        return float(self.cfg.federation.get("round_timeout", 3600))
+
     def frozen_payload(self, node_id: Any) -> FrozenBundle | None:
         return self.distributor.payload_for(node_id)
 
@@ -121,7 +139,9 @@ class Coordinator:
         record_privacy(self.recorder, round_, updates)  # "privacy" rows + privacy.json (fedtextseg.privacy)
         updates, declined = split_declined(updates)  # budget exhausted: nothing to aggregate, the run goes on
         failures.update(declined)
-        good, bad = screen_updates(self.global_arrays, updates, self.groups)
+        fed = self.cfg.federation
+        good, bad = screen_updates(self.global_arrays, updates, self.groups, expected_identity=self.identity,
+                                   outlier_factor=fed.get("outlier_factor"), max_update_norm=fed.get("max_update_norm"))
         for node, problems in bad.items():
             failures[node] = "; ".join(problems)
         outcome = RoundOutcome(round=round_, sites=[u.node for u in good], excluded=failures)

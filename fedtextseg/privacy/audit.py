@@ -6,7 +6,8 @@ What a site may send (anything else is a violation: the reply is not sent, the v
   model's shared + per-class parameters, which the site has just loaded into its model, so they are model-shaped)
   with the same shapes and dtypes, plus ``meta.annotated`` (a 1-D bool mask over the vocabulary); one MetricRecord
   ``metrics`` with ``num-examples`` (a non-negative int) and scalar metrics named ``train_*``, ``round_seconds`` or
-  ``privacy/*``; one ConfigRecord ``site`` with the site's ``name`` and ``task``;
+  ``privacy/*``; one ConfigRecord ``site`` with the site's ``name`` and ``task`` and its model identity (short
+  strings: model name, architecture/frozen/bank hashes, library version; ``fedtextseg.federation.identity``);
 * **evaluate reply** - MetricRecords ``metrics`` (``num-examples``) and ``eval.dice``, ``eval.dice_pooled``,
   ``eval.hd95`` whose keys are ``<metric>/<class>`` or ``has/<class>`` scalars; a ConfigRecord ``site`` (``name``);
   no arrays;
@@ -28,6 +29,7 @@ import logging
 from typing import Any, Callable, Iterable, Mapping
 
 from fedtextseg.errors import FedTextSegError
+from fedtextseg.federation.identity import IDENTITY_KEYS
 
 __all__ = ["AuditViolation", "audit_reply", "message_audit_mod", "TRAIN_METRIC_PREFIXES", "EVAL_RECORDS"]
 
@@ -148,8 +150,8 @@ def _audit_train(content: Any, incoming: Any, problems: list[str]) -> None:
         _scalar_metrics(name, record, _train_metric_ok, problems)
         if NUM_EXAMPLES not in record:
             problems.append(f"metric record '{name}' lacks '{NUM_EXAMPLES}'")
-    if "site" in configs:
-        _site_config(configs["site"], ("name", "task"), problems)
+    if "site" in configs:  # name, task and the model identity (fedtextseg.federation.identity)
+        _site_config(configs["site"], ("name", "task", *IDENTITY_KEYS), problems)
 
 
 def _audit_evaluate(content: Any, problems: list[str]) -> None:

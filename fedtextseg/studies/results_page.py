@@ -1,0 +1,83 @@
+"""``docs/results.md``: the latest table and plots of every study under ``results/studies/``, with date and machine.
+
+    python scripts/update_results_page.py [--studies results/studies] [--page docs/results.md]
+
+Each study's ``table.md`` is included with its figures copied to ``docs/images/results/<study>-<figure>.png`` (so
+the page renders on GitHub without the untracked ``results/`` folder). A study that has not run yet is listed with
+the command that produces it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fedtextseg.studies.spec import list_studies
+
+__all__ = ["build_results_page", "STUDY_COMMANDS"]
+
+STUDY_COMMANDS = {name: f"python simulations/run_study.py {name}" for name in ("main", "privacy", "scaling",
+                                                                               "communication")}
+PERFORMANCE = "performance"
+PERFORMANCE_COMMAND = "python benchmarks/performance.py"
+
+
+def _command(study: str) -> str:
+    return PERFORMANCE_COMMAND if study == PERFORMANCE else STUDY_COMMANDS.get(study, f"fedtextseg study {study}")
+
+
+def _study_section(folder: Path, images: Path, page_dir: Path) -> list[str]:
+    """A study's ``table.md`` with its headings one level down and its images pointing at copies under ``images``."""
+    study = folder.name
+    text = (folder / "table.md").read_text()
+
+    def copy_image(match: re.Match) -> str:
+        alt, name = match.group(1), match.group(2)
+        source = folder / name
+        if not source.is_file():
+            return match.group(0)
+        target = images / f"{study}-{Path(name).name}"
+        shutil.copyfile(source, target)
+        return f"![{alt}]({target.relative_to(page_dir).as_posix()})"
+
+    text = re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", copy_image, text)
+    text = re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", text, flags=re.M)
+    return [text.rstrip(), "", f"Produced by `{_command(study)}`; raw numbers: `results/studies/{study}/` "
+            "(table.csv, per_class.csv, runs.csv, configs/).", ""]
+
+
+def build_results_page(studies_dir: str | Path = "results/studies", page: str | Path = "docs/results.md") -> Path:
+    """Write the results page from whatever studies have finished; returns its path."""
+    studies_dir, page = Path(studies_dir), Path(page)
+    images = page.parent / "images" / "results"
+    images.mkdir(parents=True, exist_ok=True)
+    found = sorted(d.name for d in studies_dir.glob("*") if (d / "table.md").is_file() and d.name != PERFORMANCE)
+    names = list(dict.fromkeys([*STUDY_COMMANDS, *list_studies(), *found, PERFORMANCE]))
+    done = [n for n in names if (studies_dir / n / "table.md").is_file()]
+    lines = ["# Benchmark results", "",
+             f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by `python scripts/update_results_page.py` "
+             "from `results/studies/*`. Each section states when and on which machine its numbers were produced. "
+             "The CPU-sized budgets train the tiny model for a few rounds on coarse synthetic CT: they show the "
+             "machinery and the relative behaviour of the methods, not converged accuracy (the `paper` budgets, "
+             "`--config paper`, are for GPUs).", "", "| study | last run | machine | command |", "|---|---|---|---|"]
+    for name in names:
+        info_path = studies_dir / name / "study.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        machine = info.get("machine") or {}
+        where = (f"{machine.get('cpu_model')}, {machine.get('cpus')} cores, torch {machine.get('torch')}, "
+                 f"{machine.get('device')}") if machine else ""
+        when = f"{info.get('date')} ({info.get('size')} budget)" if info else "not run yet"
+        lines.append(f"| [{name}](#{name}) | {when} | {where} | `{_command(name)}` |")
+    lines.append("")
+    for name in names:
+        lines += [f'<a id="{name}"></a>', ""]
+        if name in done:
+            lines += _study_section(studies_dir / name, images, page.parent)
+        else:
+            lines += [f"## {name}", "", f"Not run yet: `{_command(name)}`.", ""]
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(lines))
+    return page

@@ -1,0 +1,191 @@
+"""Benchmark studies: the naive softmax baseline's loss and decision rule, study files, and the study runner end to end
+on a minimal configuration (1 seed, 1 round) with a federated, a naive, a centralized and a local-only arm."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from fedtextseg.config import compose_config
+from fedtextseg.losses import NaiveSoftmaxLoss, SoftmaxLabelSpace, build_loss
+from fedtextseg.studies.collect import mean_std
+from fedtextseg.studies.spec import arm_overrides, list_studies, load_study
+from fedtextseg.vocab import get_vocabulary
+
+VOCAB = get_vocabulary()
+SPACE = ["liver", "liver tumor", "kidney", "kidney tumor"]  # kidney: both sides
+
+
+def _target(n=6):
+    """One sample over ``n`` voxels: 0-1 liver, 1 also liver tumour, 3 right kidney, 4 nothing, 5 spleen."""
+    t = torch.zeros(1, VOCAB.num_classes, n)
+    t[0, VOCAB.index("liver"), :2] = 1
+    t[0, VOCAB.index("liver tumor"), 1] = 1
+    t[0, VOCAB.index("right kidney"), 3] = 1
+    t[0, VOCAB.index("spleen"), 5] = 1
+    return t
+
+
+def _annotated(*names):
+    a = torch.zeros(1, VOCAB.num_classes)
+    for n in names:
+        a[0, VOCAB.index(n)] = 1
+    return a
+
+
+def test_naive_targets_use_only_the_sites_classes_and_the_tumor_wins_over_its_organ():
+    space = SoftmaxLabelSpace(VOCAB, SPACE)
+    assert space.names == ["right kidney", "left kidney", "liver", "kidney tumor", "liver tumor"]  # vocabulary order
+    k = {c: i + 1 for i, c in enumerate(space.names)}  # softmax index; 0 is background
+    liver_site = space.target_index(_target(), _annotated("liver", "liver tumor"))
+    assert liver_site.tolist() == [[k["liver"], k["liver tumor"], 0, 0, 0, 0]]  # kidney voxel: background there
+    kidney_site = space.target_index(_target(), _annotated("right kidney", "left kidney", "kidney tumor"))
+    assert kidney_site.tolist() == [[0, 0, 0, k["right kidney"], 0, 0]]  # its liver voxels are background
+    # spleen is outside the label space: background even where a site annotates it
+    assert space.target_index(_target(), _annotated("spleen")).tolist() == [[0] * 6]
+
+
+def test_naive_loss_trains_every_label_space_channel_and_no_other():
+    logits = torch.randn(1, VOCAB.num_classes, 6, requires_grad=True)
+    loss = build_loss("naive", VOCAB, label_space=SPACE)
+    assert isinstance(loss, NaiveSoftmaxLoss)
+    loss(logits, _target(), _annotated("liver", "liver tumor")).backward()
+    trained = {VOCAB.class_names[c] for c in range(VOCAB.num_classes) if logits.grad[0, c].abs().sum() > 0}
+    # the kidney channels get gradient at a liver-only site (pushed to background): the label conflict
+    assert trained == set(loss.space.names)
+
+
+def test_naive_loss_is_lower_for_logits_that_match_its_targets():
+    space = SoftmaxLabelSpace(VOCAB, SPACE)
+    target, annotated = _target(), _annotated("liver", "liver tumor")
+    good = torch.full((1, VOCAB.num_classes, 6), -8.0)
+    good[0, VOCAB.index("liver"), 0] = 8.0
+    good[0, VOCAB.index("liver tumor"), 1] = 8.0
+    loss = NaiveSoftmaxLoss(space)
+    assert loss(good, target, annotated) < loss(-good, target, annotated)
+    assert loss(good, target, annotated) < 0.1
+
+
+def test_naive_decision_is_argmax_with_background_and_marks_a_tumors_organ():
+    space = SoftmaxLabelSpace(VOCAB, SPACE)
+    logits = torch.full((VOCAB.num_classes, 4), -5.0)
+    logits[VOCAB.index("liver tumor"), 0] = 3.0
+    logits[VOCAB.index("left kidney"), 1] = 2.0
+    logits[VOCAB.index("kidney tumor"), 2] = 4.0
+    logits[VOCAB.index("left kidney"), 2] = 1.0  # the likelier side for the tumour's organ
+    logits[VOCAB.index("spleen"), 3] = 9.0  # outside the label space: never predicted; voxel 3 is background
+    masks = space.decide(logits)
+    on = {VOCAB.class_names[c]: masks[c].tolist() for c in range(VOCAB.num_classes) if masks[c].any()}
+    assert on == {"liver tumor": [1, 0, 0, 0], "liver": [1, 0, 0, 0], "left kidney": [0, 1, 1, 0],
+                  "kidney tumor": [0, 0, 1, 0]}
+
+
+def test_every_study_file_parses_and_every_arm_composes(tmp_path):
+    assert {"main", "privacy", "scaling", "communication"} <= set(list_studies())
+    main = load_study("main")
+    kinds = {a.name: a.kind for a in main.arms}
+    assert kinds["local"] == "local" and kinds["centralized"] == "centralized" and kinds["naive"] == "federated"
+    assert math.isinf(load_study("privacy").arm("nodp").x)
+    assert [a.sites for a in load_study("scaling").arms] == [2, 4, 8, 16]
+    for name in ("main", "privacy", "scaling", "communication"):
+        spec = load_study(name)
+        assert {"cpu", "paper"} <= set(spec.sizes)
+        for arm in spec.arms:
+            cfg = compose_config(spec.experiment, arm_overrides(spec, arm, "cpu", 2, tmp_path / "r"))
+            assert cfg.run.seed == 2 and cfg.run.name == f"{name}-{arm.name}-seed2"
+            assert cfg.privacy.ledger_dir == str(tmp_path / "r" / "privacy-ledger")
+    naive = compose_config("demo", arm_overrides(main, main.arm("naive"), "cpu", 0, tmp_path / "r"))
+    assert naive.train.loss == "naive" and naive.model.kwargs.text_conditioning is False
+
+
+def test_mean_std_skips_missing_values():
+    assert mean_std([0.5, None, float("nan"), 0.7]) == pytest.approx((0.6, 0.1414213, 2))
+    assert mean_std([0.4]) == (0.4, 0.0, 1)
+    assert math.isnan(mean_std([None])[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """Two tiny synthetic hospitals + an unseen one, a prebuilt text bank, and a study file over them."""
+    from fedtextseg.data.synthetic import generate_hospitals
+    from fedtextseg.text import build_bank
+
+    root = tmp_path_factory.mktemp("study")
+    generate_hospitals(root / "data", sites=2, cases_per_site=2, seed=0, shape=(32, 32, 32), unseen=True)
+    build_bank("abdomen-ct", encoder="sentence-minilm", log=lambda *_: None).save(root / "bank.pt")
+    study = {
+        "title": "tiny", "question": "does the runner work?", "experiment": "demo",
+        "figures": ["dice_by_arm", "class_dice", "local_cross_site"],
+        "arms": [{"name": "fedtextseg"}, {"name": "naive", "overrides": ["train.loss=naive"]},
+                 {"name": "centralized", "kind": "centralized"}, {"name": "local", "kind": "local"}],
+        "sizes": {"cpu": {"seeds": 1, "overrides": [
+            f"data.root={root / 'data'}", f"text.bank={root / 'bank.pt'}", "federation.rounds=1",
+            "train.local_steps=1", "train.batch_size=1", "data.preprocess.patch_size=[16,16,16]",
+            "data.preprocess.spacing=[12,12,12]", "data.preprocess.num_crops=1", "data.val_fraction=0.5",
+            "eval.max_cases=1", "eval.hd95=false", "eval.overlap=0.0", "run.threads=null"]}},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return root, path
+
+
+@pytest.mark.slow
+def test_study_runner_writes_tables_plots_configs_and_records(tiny_study, tmp_path):
+    from fedtextseg.studies.results_page import build_results_page
+    from fedtextseg.studies.runner import run_study
+
+    root, path = tiny_study
+    folder = run_study(str(path), out=tmp_path / "studies", log_fn=lambda *_: None)
+    assert folder == tmp_path / "studies" / "tiny"
+    for name in ("table.md", "table.csv", "per_class.csv", "runs.csv", "study.json", "dice_by_arm.png",
+                 "class_dice.png", "local_cross_site.png"):
+        assert (folder / name).is_file(), name
+    arms = ["fedtextseg", "naive", "centralized", "local"]
+    for arm in arms:
+        assert (folder / "configs" / f"{arm}-seed0.yaml").is_file()
+        record = json.loads((folder / "runs" / arm / "seed0" / "result.json").read_text())
+        assert record["seed"] == 0 and record["rounds"] == 1 and record["sites"] == 2
+        assert record["site_dice"] and record["unseen_dice"], arm  # evaluated on the sites and the unseen one
+        assert 0.0 <= record["site_mean"] <= 1.0 and record["peak_mb"] > 0
+    # the naive arm's softmax covers exactly the union of the two sites' classes
+    naive = yaml.safe_load((folder / "configs" / "naive-seed0.yaml").read_text())
+    site_classes = [yaml.safe_load((root / "data" / s / "site.yaml").read_text())["annotated"]
+                    for s in ("site01-btcv", "site02-lits")]
+    assert naive["train"]["naive_classes"] == VOCAB.resolve_many([c for cs in site_classes for c in cs])
+    # local only: each site's model on its own site and on the other one
+    local = json.loads((folder / "runs" / "local" / "seed0" / "result.json").read_text())
+    assert set(local["cross_site"]) == {"site01-btcv", "site02-lits"}
+    assert set(local["cross_site"]["site01-btcv"]) == {"site01-btcv", "site02-lits", "unseen"}
+    assert local["wire_bytes"] == 0
+    fed = json.loads((folder / "runs" / "fedtextseg" / "seed0" / "result.json").read_text())
+    assert 0 < fed["wire_bytes"] < fed["full_model_bytes"]
+    with (folder / "table.csv").open() as fh:
+        assert [r["arm"] for r in csv.DictReader(fh)] == arms
+    table = (folder / "table.md").read_text()
+    assert "every site's model on every site" in table and "![class_dice](class_dice.png)" in table
+    # the report can be rebuilt from the records on disk, and the results page includes it
+    run_study(str(path), out=tmp_path / "studies", report_only=True, log_fn=lambda *_: None)
+    page = build_results_page(tmp_path / "studies", tmp_path / "docs" / "results.md")
+    text = page.read_text()
+    assert "Study `tiny`" in text and "images/results/tiny-dice_by_arm.png" in text
+    assert (tmp_path / "docs" / "images" / "results" / "tiny-class_dice.png").is_file()
+    assert "Not run yet: `python simulations/run_study.py main`" in text
+
+
+@pytest.mark.slow
+def test_site_runner_counts_a_naive_site_for_its_whole_label_space(tiny_study):
+    from fedtextseg.runtime import SiteRunner, build_model, prepare_bank
+
+    root, _ = tiny_study
+    overrides = [f"data.root={root / 'data'}", f"text.bank={root / 'bank.pt'}", "data.preprocess.patch_size=[16,16,16]",
+                 "data.preprocess.spacing=[12,12,12]", "data.preprocess.num_crops=1"]
+    cfg = compose_config("demo", overrides + ["train.loss=naive", "train.naive_classes=[liver,spleen]"])
+    model = build_model(cfg, prepare_bank(cfg))
+    runner = SiteRunner(cfg, root / "data" / "site02-lits", model)
+    mask = runner.trained_classes_mask()
+    assert [VOCAB.class_names[i] for i in mask.nonzero()[0]] == ["spleen", "liver"]
+    masked = SiteRunner(compose_config("demo", overrides), root / "data" / "site02-lits", model)
+    assert [VOCAB.class_names[i] for i in masked.trained_classes_mask().nonzero()[0]] == ["liver", "liver tumor"]
