@@ -223,6 +223,7 @@ class SiteRunner:
             )
         vocab = self.site.vocabulary
         self.loss_fn = build_loss(cfg.train.loss, vocab, batch_dice=bool(cfg.train.get("batch_dice", False)),
+                                  bce_weight=float(cfg.train.get("bce_weight", 1.0)),
                                   label_space=cfg.train.get("naive_classes"))
         # naive softmax runs (train.loss=naive) are evaluated by argmax over background + their label space
         self.softmax_space = getattr(self.loss_fn, "space", None)

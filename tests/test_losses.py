@@ -104,3 +104,14 @@ def test_batch_dice_keeps_zero_gradient_for_unannotated_and_couples_annotated_sa
     pooled = PartialLabelLoss("masked", batch_dice=True, bce_weight=0.0)
     one = torch.tensor([[1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
     assert not torch.allclose(per_sample(logits.detach(), target, one), pooled(logits.detach(), target, one))
+
+
+def test_bce_weight_scales_only_the_bce_term():
+    logits, target = _batch(seed=3)
+    annotated = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 1, 1, 1]], dtype=torch.bool)
+    vocab = get_vocabulary("abdomen-ct")
+    dice_only = build_loss("masked", vocab, bce_weight=0.0, batch_dice=True)(logits, target, annotated)
+    bce_only = build_loss("masked", vocab, dice_weight=0.0, batch_dice=True)(logits, target, annotated)
+    mixed = build_loss("masked", vocab, bce_weight=0.2, batch_dice=True)(logits, target, annotated)
+    assert torch.allclose(mixed, dice_only + 0.2 * bce_only)
+    assert dice_only.item() > 0 and bce_only.item() > 0
