@@ -49,12 +49,7 @@ def stop_local_superlink(home: Path | None = None) -> list[int]:
     """Stop the SuperLink (and its SuperExec) that ``flwr run`` started for this ``FLWR_HOME``."""
     home = str((home or flower_home()).resolve())
     stopped = []
-    try:
-        out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return stopped
-    for line in out.splitlines():
-        pid_text, _, args = line.strip().partition(" ")
+    for pid_text, args in _processes():
         if "flower-superlink" in args and home in args:
             try:
                 os.kill(int(pid_text), signal.SIGTERM)
@@ -71,6 +66,26 @@ def stop_local_superlink(home: Path | None = None) -> list[int]:
             except ProcessLookupError:
                 pass
     return stopped
+
+
+def _processes() -> list[tuple[str, str]]:
+    """(pid, full command line) of every process. Whole command lines matter: the FLWR_HOME path comes late in the
+    SuperLink's arguments, and ``ps`` cuts lines to ``$COLUMNS`` when that is set (as it is inside some tools)."""
+    proc = Path("/proc")
+    if proc.is_dir():
+        out = []
+        for entry in proc.iterdir():
+            if entry.name.isdigit():
+                try:
+                    out.append((entry.name, (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")))
+                except OSError:  # ended meanwhile, or not ours to read
+                    continue
+        return out
+    try:
+        text = subprocess.run(["ps", "-eww", "-o", "pid=,args="], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [tuple(line.strip().partition(" ")[::2]) for line in text.splitlines()]  # type: ignore[misc]
 
 
 def _alive(pid: int) -> bool:
