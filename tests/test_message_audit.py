@@ -177,7 +177,7 @@ def _simulate(tmp_path, monkeypatch, privacy: dict | None = None, site2_privacy:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # a loaded 2-core machine needs several minutes for Ray + DP-SGD
 def test_flower_simulation_sends_no_image_content(tmp_path, monkeypatch):
     # site 2 sets a budget it cannot afford in its site.yaml: it declines its round, site 1 trains with DP-SGD
     sites, sent, received = _simulate(tmp_path, monkeypatch,
@@ -228,7 +228,7 @@ def test_flower_simulation_sends_no_image_content(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # a loaded 2-core machine needs several minutes for Ray + DP-SGD
 def test_secure_aggregation_server_only_holds_the_sum(tmp_path, monkeypatch):
     """privacy.secure_aggregation=secaggplus: no reply the server receives carries a plain array (the updates travel
     masked through Flower's SecAgg+), and the model the server ends with is the group-wise, class-aware FedAvg of
