@@ -8,7 +8,8 @@ allows exactly these keys):
   included), i.e. the architecture the config built;
 - ``frozen-hash``: the content hash of the frozen common arrays the model really holds (pretrained weights + text
   bank, as in :func:`fedtextseg.federation.frozen.content_hash`);
-- ``bank-hash``: the content hash of the text-embedding bank arrays alone ("" for models without a bank);
+- ``bank-hash``: the content hash of the text-embedding bank arrays alone (``none`` for models without a bank:
+  Flower's ConfigRecord cannot size an empty string);
 - ``fedtextseg-version``: the library version the site runs.
 
 The server computes the same for its own model and excludes, for that round, an update whose identity differs in
@@ -54,7 +55,7 @@ def model_identity(model_name: str, model: Any) -> dict[str, str]:
         "model": str(model_name),
         "model-arch": hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16],
         "frozen-hash": content_hash(frozen),
-        "bank-hash": content_hash(bank) if bank else "",
+        "bank-hash": content_hash(bank) if bank else "none",
         "fedtextseg-version": str(__version__),
     }
 

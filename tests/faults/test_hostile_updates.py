@@ -183,3 +183,18 @@ def test_malformed_reply_records_name_the_site(coord, damage, message):
     with pytest.raises(FedTextSegError, match=message) as err:
         content_to_site_update(content, "hospital-x")
     assert "hospital-x" in str(err.value)
+
+
+def test_identity_of_a_model_without_text_bank_fits_a_flower_config_record():
+    # TGC-Net has no embedding bank: its identity must still be sizeable by Flower (an empty string is not)
+    from flwr.app import ConfigRecord
+
+    from fedtextseg.config import compose_config
+    from fedtextseg.federation.identity import model_identity
+    from fedtextseg.runtime import build_model, prepare_bank
+
+    cfg = compose_config("tgcnet_demo", "")
+    model = build_model(cfg, prepare_bank(cfg, log_fn=lambda *_: None))
+    identity = model_identity(cfg.model.name, model)
+    assert identity["bank-hash"] == "none"
+    assert ConfigRecord(identity).count_bytes() > 0
