@@ -266,10 +266,15 @@ class SiteRunner:
 
     def identity(self) -> dict[str, str]:
         """What this site's model was built from (name, architecture, frozen and bank hashes, library version): sent
-        with every train reply so the server refuses an update from a model that is not the run's."""
+        with every train reply so the server refuses an update from a model that is not the run's. Computed once per
+        model object: hashing the frozen arrays (all of DINOv2 at paper size) every round would be wasted work, since
+        nothing trains them."""
         from fedtextseg.federation.identity import model_identity
 
-        return model_identity(self.cfg.model.name, self.model)
+        cached = getattr(self, "_identity", None)
+        if cached is None or cached[0] is not self.model:
+            cached = self._identity = (self.model, model_identity(self.cfg.model.name, self.model))
+        return dict(cached[1])
 
     @property
     def num_examples(self) -> int:

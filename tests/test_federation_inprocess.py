@@ -12,7 +12,7 @@ from fedtextseg.data.synthetic import generate_hospitals
 from fedtextseg.federation.aggregation import SiteUpdate
 from fedtextseg.federation.coordinator import Coordinator
 from fedtextseg.federation.inprocess import run_federation_inprocess
-from fedtextseg.runtime import SiteRunner, build_model
+from fedtextseg.runtime import SiteRunner, build_model, prepare_bank
 from fedtextseg.sites import federation_sites
 from fedtextseg.text import build_bank
 
@@ -68,6 +68,27 @@ def test_round_aggregates_head_rows_only_over_annotating_sites(hospitals, tmp_pa
     np.testing.assert_allclose(coord.global_arrays[key],
                                sum(wi * u.arrays[key] for wi, u in zip(w_all, updates)) / w_all.sum(), rtol=1e-5)
 
+
+
+def test_site_identity_is_hashed_once_per_model(hospitals, monkeypatch):
+    """The frozen arrays never train, so a site hashes them once, not on every train reply; a new model is re-hashed."""
+    import fedtextseg.federation.identity as identity_module
+
+    cfg = tiny_cfg(hospitals, 1)
+    path = federation_sites(cfg)[0]
+    bank = prepare_bank(cfg, log_fn=lambda *_: None)
+    runner = SiteRunner(cfg, path, build_model(cfg, bank))
+    calls = []
+    real = identity_module.model_identity
+    monkeypatch.setattr(identity_module, "model_identity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = runner.identity()
+    runner.train_round(round_=1, total_rounds=1)
+    assert runner.identity() == first and len(calls) == 1
+    runner.identity()["frozen-hash"] = "tampered"  # callers get a copy
+    assert runner.identity() == first and len(calls) == 1
+    runner.model = build_model(cfg, bank)
+    runner.identity()
+    assert len(calls) == 2
 
 @pytest.mark.slow
 def test_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(hospitals, tmp_path):
