@@ -74,6 +74,29 @@ def test_forward_shape_and_gradients_reach_trainable_groups_only():
     assert all(not t.requires_grad for t in (model.class_embeddings, model.task_embeddings))
 
 
+def test_dino_fusion_starts_closed_and_opens_with_its_gates():
+    """Zero-initialised tanh gates: at init the DINOv2 features cannot change the output (the CNN learns undisturbed);
+    the gates' own gradient is not zero, so training can open them, and then the features matter."""
+    model = tiny().eval()
+    x = torch.rand(1, 1, *PATCH)
+    feats = model.dino_features(x)
+    with torch.no_grad():
+        base = model.forward_batch({"image": x, "task": torch.tensor([0]), "dino": feats})["logits"]
+        other = model.forward_batch({"image": x, "task": torch.tensor([0]), "dino": feats.flip(1) * 3})["logits"]
+    torch.testing.assert_close(base, other)
+    model.train()
+    model(x, torch.tensor([0])).sigmoid().mean().backward()
+    gates = {n: p for n, p in model.named_parameters() if n.endswith(".alpha")}
+    assert len(gates) == 2 * len(model.config.fusion_stages) * model.config.attn_blocks
+    assert all(p.grad is not None and p.grad.abs().item() > 0 for p in gates.values())
+    with torch.no_grad():
+        for p in gates.values():
+            p.fill_(0.5)
+        opened = model.forward_batch({"image": x, "task": torch.tensor([0]), "dino": feats})["logits"]
+        moved = model.forward_batch({"image": x, "task": torch.tensor([0]), "dino": feats.flip(1) * 3})["logits"]
+    assert (opened - moved).abs().max() > 1e-4
+
+
 def test_dino_stays_frozen_in_eval_mode():
     model = tiny().train()
     assert model.training and model.encoder.training
@@ -233,6 +256,9 @@ def test_window_attention_is_local_padded_and_shifted_exactly():
     torch.manual_seed(0)
     plain = WindowCrossAttention3d(8, heads=2, window=3, shifted=False).eval()
     shifted = WindowCrossAttention3d(8, heads=2, window=3, shifted=True).eval()
+    with torch.no_grad():  # open the zero-initialised gates, or the block is the identity
+        plain.gate_attn.alpha.fill_(0.8)
+        plain.gate_mlp.alpha.fill_(-0.5)
     shifted.load_state_dict(plain.state_dict())
     x, ctx = torch.randn(2, 8, 5, 6, 6), torch.randn(2, 8, 5, 6, 6)
 

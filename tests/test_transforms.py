@@ -27,7 +27,8 @@ from fedtextseg.vocab import get_vocabulary
 
 VOCAB = get_vocabulary()
 C = VOCAB.num_classes
-NO_AUG = dict(flip_prob=0.0, rot90_prob=0.0, scale_intensity_prob=0.0, shift_intensity_prob=0.0)
+NO_AUG = dict(flip_prob=0.0, rot90_prob=0.0, scale_intensity_prob=0.0, shift_intensity_prob=0.0, noise_prob=0.0,
+              gamma_prob=0.0)
 
 
 def item(case) -> dict:
@@ -105,6 +106,49 @@ def test_prediction_can_be_inverted_to_the_input_grid(liver_site, tmp_path):
     np.testing.assert_array_equal(inverted.numpy().round().astype(np.uint8), expected)
 
 
+def test_positive_centres_are_class_balanced(liver_site):
+    """1-voxel crops show the drawn centre itself: the small tumour is a centre about as often as its large organ."""
+    from fedtextseg.vocab import get_vocabulary
+
+    tumor = get_vocabulary().index("liver tumor")
+    cfg = PreprocessConfig(patch_size=(1, 1, 1), num_crops=400, pos_neg=(1, 0), **NO_AUG)
+    tf = train_transform(liver_site, cfg)
+    tf.set_random_state(0)
+    crops = tf(item(liver_site.cases[0]))
+    labels = torch.stack([c["label"].as_tensor()[:, 0, 0, 0] for c in crops])  # [400, C]
+    annotated = crops[0]["annotated"].bool()
+    assert labels[:, annotated].any(1).all()  # every centre is annotated foreground
+    volume = preprocess_transform(liver_site, cfg)(item(liver_site.cases[0]))["label"]
+    decoded = T.decode_codes(volume, T.LabelCoder.for_site(liver_site), has_channel=True)
+    voxel_share = float(decoded[tumor].sum() / decoded[annotated].any(0).sum())
+    assert voxel_share < 0.25  # uniform over foreground voxels would rarely centre on the tumour
+    assert 0.35 < float(labels[:, tumor].float().mean()) < 0.65  # one of two classes: about half the centres
+
+
+def test_gamma_and_noise_augment_the_image_only(liver_site):
+    """Scanner-like augmentation (gamma contrast, Gaussian noise) changes the image of a crop, never its label."""
+    case = item(liver_site.cases[0])
+    plain = PreprocessConfig(patch_size=(8, 8, 8), num_crops=1, **NO_AUG)
+    outs = {}
+    for name, extra in (("none", {}), ("gamma", dict(gamma_prob=1.0, gamma_range=(2.0, 2.0))),
+                        ("noise", dict(noise_prob=1.0, noise_std=0.2))):
+        tf = train_transform(liver_site, PreprocessConfig(**{**plain.to_dict(), **extra}))
+        tf.set_random_state(3)
+        outs[name] = tf(case)[0]
+    base = outs["none"]["image"].as_tensor()
+    for name in ("gamma", "noise"):
+        assert outs[name]["crop_start"].tolist() == outs["none"]["crop_start"].tolist()
+        torch.testing.assert_close(outs[name]["label"], outs["none"]["label"])
+        assert (outs[name]["image"].as_tensor() - base).abs().max() > 0.01, name
+    lo, hi = base.min(), base.max()  # gamma 2 on the crop's own range: (x - lo)^2 / (hi - lo) + lo
+    torch.testing.assert_close(outs["gamma"]["image"].as_tensor(), ((base - lo) / (hi - lo)) ** 2 * (hi - lo) + lo,
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="gamma_range"):
+        PreprocessConfig(gamma_range=(0.0, 1.0))
+    with pytest.raises(ConfigError, match="noise_std"):
+        PreprocessConfig(noise_std=-1.0)
+
+
 def test_train_crops_patch_shape_and_positive_sampling(liver_site):
     cfg = PreprocessConfig(patch_size=(8, 8, 8), num_crops=6, pos_neg=(1, 0), **NO_AUG)
     tf = train_transform(liver_site, cfg)
@@ -167,7 +211,7 @@ def test_dino_features_are_cropped_with_the_image(liver_site):
 def test_flips_with_dino_only_along_slices(liver_site):
     case = item(liver_site.cases[0])
     flip_all = dict(NO_AUG, flip_prob=1.0)
-    cfg = PreprocessConfig(patch_size=(8, 8, 8), num_crops=1, **flip_all)
+    cfg = PreprocessConfig(patch_size=(8, 8, 8), num_crops=1, orientation="SAR", **flip_all)  # slices first
     cached = preprocess_transform(liver_site, cfg)(case)["image"]
 
     crop = train_transform(liver_site, cfg, feature_fn=coordinate_features())(case)[0]
@@ -180,7 +224,22 @@ def test_flips_with_dino_only_along_slices(liver_site):
     crop = train_transform(liver_site, cfg)(case)[0]
     z0, y0, x0 = crop["crop_start"].tolist()
     window = cached[:, z0:z0 + 8, y0:y0 + 8, x0:x0 + 8]
-    np.testing.assert_array_equal(crop["image"].numpy(), window.flip(1, 2, 3).numpy())
+    # SAR: axis 2 is left-right; the vocabulary has sided classes (kidneys), so that axis is never mirrored
+    np.testing.assert_array_equal(crop["image"].numpy(), window.flip(1, 2).numpy())
+
+
+def test_no_left_right_mirror_or_rotation_with_sided_classes(liver_site, make_nifti_site, tmp_path):
+    """A right kidney mirrored is a left kidney: with sided classes neither the L-R flip nor in-plane rot90 runs,
+    whichever axis the orientation puts left-right on."""
+    from monai.transforms import RandFlipd, RandRotate90d
+
+    for orientation, lr_axis in (("RAS", 0), ("SAR", 2), ("PLS", 1)):
+        cfg = PreprocessConfig(patch_size=(8, 8, 8), num_crops=1, orientation=orientation, flip_prob=0.5,
+                               rot90_prob=0.5)
+        steps = train_transform(liver_site, cfg).transforms
+        axes = sorted(int(t.flipper.spatial_axis) for t in steps if isinstance(t, RandFlipd))
+        assert axes == sorted({0, 1, 2} - {lr_axis}), orientation
+        assert not any(isinstance(t, RandRotate90d) for t in steps)
 
 
 def test_persistent_cache_is_reused(liver_site, tmp_path, monkeypatch):

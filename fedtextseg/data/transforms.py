@@ -13,8 +13,10 @@ Deterministic part, :func:`preprocess_transform` (what ``PersistentDataset``/``C
     FeatureHookd         optional feature_fn(image [1, D, H, W]) -> {"dino": [F, D, Hg, Wg], "dino_tile": (th, tw, g)}
 
 Random part, :func:`train_transform` = deterministic + ``RandTileCropByPosNegd`` (``num_crops`` patches per volume,
-pos:neg 2:1, in-plane starts optionally snapped to the tile grid, ``dino`` cropped alongside) + ``DecodeLabelsd``
-(codes -> uint8 channels [C, *patch]) + flips, in-plane rot90 (not with ``dino``), intensity scale/shift on ``image``.
+pos:neg 2:1, positive centres class-balanced, in-plane starts optionally snapped to the tile grid, ``dino`` cropped alongside) + ``DecodeLabelsd``
+(codes -> uint8 channels [C, *patch]) + flips and in-plane rot90 (not with ``dino``; never a left-right mirror when
+the vocabulary has sided classes) + intensity scale/shift, gamma contrast and Gaussian noise on ``image`` (with
+cached ``dino`` features the ViT saw the unaugmented slice: intensity augmentation reaches the CNN input only).
 Validation, :func:`val_transform`: the deterministic part + ``DecodeLabelsd`` on whole volumes.
 
 Output keys: ``image`` MetaTensor float32 [1, *spatial] in [0, 1] (before intensity augmentation); ``label``
@@ -37,8 +39,8 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (Compose, CropForegroundd, DivisiblePadd, EnsureChannelFirstd, Invertd, MapTransform,
-                              Orientationd, RandFlipd, Randomizable, RandRotate90d, RandScaleIntensityd,
-                              RandShiftIntensityd, ScaleIntensityRanged, Spacingd, SpatialCrop, SpatialPadd, Transform)
+                              Orientationd, RandAdjustContrastd, RandFlipd, RandGaussianNoised, Randomizable,
+                              RandRotate90d, RandScaleIntensityd, RandShiftIntensityd, ScaleIntensityRanged, Spacingd, SpatialCrop, SpatialPadd, Transform)
 from monai.utils import MetaKeys, SpaceKeys, TraceKeys
 
 from fedtextseg.data.io import AFFINE_TOLERANCE, grid_mismatch, read_label, read_nifti
@@ -99,10 +101,14 @@ class PreprocessConfig:
     scale_intensity_factor: float = 0.1
     shift_intensity_prob: float = 0.2
     shift_intensity_offset: float = 0.1
+    noise_prob: float = 0.15  # additive Gaussian noise (std drawn from [0, noise_std], scaled-intensity units)
+    noise_std: float = 0.05  # 0.05 of the HU window (-175..250) = 21 HU: the noisier scanners of other hospitals
+    gamma_prob: float = 0.15  # gamma contrast change (another contrast phase or reconstruction kernel)
+    gamma_range: tuple[float, float] = (0.7, 1.5)
 
     def __post_init__(self) -> None:
         for name, cast in (("spacing", float), ("hu_window", float), ("patch_size", int), ("pos_neg", float),
-                           ("tile", int)):  # lists from YAML/Hydra -> tuples, so the config hashes and compares
+                           ("tile", int), ("gamma_range", float)):  # lists from YAML/Hydra -> tuples, so the config hashes and compares
             value = getattr(self, name)
             object.__setattr__(self, name, tuple(cast(v) for v in value) if value is not None else None)
         problems = []
@@ -116,6 +122,10 @@ class PreprocessConfig:
             problems.append(f"num_crops must be >= 1, got {self.num_crops}")
         if len(self.pos_neg) != 2 or min(self.pos_neg) < 0 or sum(self.pos_neg) <= 0:
             problems.append(f"pos_neg must be two non-negative weights, not both 0, got {self.pos_neg}")
+        if len(self.gamma_range) != 2 or not 0 < self.gamma_range[0] <= self.gamma_range[1]:
+            problems.append(f"gamma_range must be (low, high) with 0 < low <= high, got {self.gamma_range}")
+        if self.noise_std < 0:
+            problems.append(f"noise_std must be >= 0, got {self.noise_std}")
         if self.tile is not None:
             if len(self.tile) != 2 or min(self.tile) < 1:
                 problems.append(f"tile must be 2 positive integers (in-plane), got {self.tile}")
@@ -354,11 +364,12 @@ def _snapped_start(voxel: int, size: int, extent: int, tile: int | None) -> int:
 class RandTileCropByPosNegd(Randomizable, MapTransform):
     """``num_samples`` random patches per volume, centred on a positive voxel with probability ``pos_ratio``.
 
-    Positive voxels are those whose code sets a channel the site annotates (any annotated foreground); negatives
-    are the others. With a tile (``tile`` or the data's ``dino_tile``) the in-plane (last two axes) crop starts are
-    snapped to multiples of the tile, and ``dino`` [F, D, Hg, Wg] is cropped to
-    ``dino[:, z0:z0+pd, y0//th*g:(y0+ph)//th*g, x0//tw*g:(x0+pw)//tw*g]``. Returns a list of dicts (MONAI's
-    multi-sample convention; Compose applies the following transforms to each).
+    A positive centre is drawn class-balanced (as nnU-Net oversamples foreground): first one of the annotated classes
+    present in the volume, uniformly, then one of its voxels, so a gall bladder is a crop centre as often as the liver
+    that has fifty times its voxels. Negatives are voxels of no annotated class. With a tile (``tile`` or the data's
+    ``dino_tile``) the in-plane (last two axes) crop starts are snapped to multiples of the tile, and ``dino``
+    [F, D, Hg, Wg] is cropped to ``dino[:, z0:z0+pd, y0//th*g:(y0+ph)//th*g, x0//tw*g:(x0+pw)//tw*g]``. Returns a
+    list of dicts (MONAI's multi-sample convention; Compose applies the following transforms to each).
     """
 
     backend = SpatialCrop.backend
@@ -369,15 +380,19 @@ class RandTileCropByPosNegd(Randomizable, MapTransform):
         MapTransform.__init__(self, keys)
         self.label_key, self.dino_key = label_key, dino_key
         self.positive_lut = torch.as_tensor(coder.positive_codes(), dtype=torch.bool)
+        annotated = np.flatnonzero(coder.annotated)
+        self.class_luts = torch.as_tensor(coder.table()[annotated].astype(bool))  # [annotated classes, codes]
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.num_samples, self.pos_ratio = int(num_samples), float(pos_ratio)
         self.tile = tuple(int(t) for t in tile) if tile is not None else None
         self.max_negative_tries = max_negative_tries
         self._starts: list[tuple[int, ...]] = []
 
-    def _pick_voxel(self, positive: torch.Tensor, fg: np.ndarray) -> int:
-        if fg.size and self.R.rand() < self.pos_ratio:
-            return int(fg[self.R.randint(fg.size)])
+    def _pick_voxel(self, codes: torch.Tensor, positive: torch.Tensor, present: list[int]) -> int:
+        if present and self.R.rand() < self.pos_ratio:
+            lut = self.class_luts[present[self.R.randint(len(present))]]
+            voxels = torch.nonzero(lut[codes].reshape(-1)).reshape(-1)
+            return int(voxels[self.R.randint(voxels.numel())])
         flat = positive.reshape(-1)
         for _ in range(self.max_negative_tries):
             idx = int(self.R.randint(flat.numel()))
@@ -389,11 +404,13 @@ class RandTileCropByPosNegd(Randomizable, MapTransform):
         shape = tuple(codes.shape[1:])
         if any(s < p for s, p in zip(shape, self.spatial_size)):
             raise ValueError(f"volume {shape} is smaller than the patch {self.spatial_size}; pad it first")
-        positive = self.positive_lut[codes[0].as_subclass(torch.Tensor).long()]
-        fg = torch.nonzero(positive.reshape(-1)).reshape(-1).numpy()
+        codes = codes[0].as_subclass(torch.Tensor).long()
+        positive = self.positive_lut[codes]
+        counts = torch.bincount(codes.reshape(-1), minlength=self.class_luts.shape[1])[: self.class_luts.shape[1]]
+        present = [i for i in range(self.class_luts.shape[0]) if bool((counts[self.class_luts[i]] > 0).any())]
         self._starts = []
         for _ in range(self.num_samples):
-            voxel = np.unravel_index(self._pick_voxel(positive, fg), shape)
+            voxel = np.unravel_index(self._pick_voxel(codes, positive, present), shape)
             tiles = (None, *(tile or (None, None)))
             self._starts.append(tuple(
                 _snapped_start(int(v), p, s, t) for v, p, s, t in zip(voxel, self.spatial_size, shape, tiles)
@@ -436,12 +453,17 @@ def train_transform(site: Site, cfg: PreprocessConfig, feature_fn: FeatureFn | N
                               num_samples=cfg.num_crops, pos_ratio=cfg.pos_ratio, tile=cfg.tile),
         DecodeLabelsd(coder),
     ]
+    # a mirror across the body's midline turns a right kidney into a left one: with sided classes (left/right) in the
+    # vocabulary, never flip the left-right axis and never rotate in-plane (a half turn is that mirror too)
+    sided = any(site.vocabulary.side_of(c) for c in site.vocabulary.class_names)
+    lr_axis = next(i for i, code in enumerate(cfg.orientation) if code in "LR")
     if cfg.flip_prob > 0:
         # in-plane flips do not commute with the 2D ViT features: with dino, flip only along the slice axis
         flip_keys = ["image", "label", "dino"] if with_dino else ["image", "label"]
         for axis in (0,) if with_dino else (0, 1, 2):
-            steps.append(RandFlipd(keys=flip_keys, prob=cfg.flip_prob, spatial_axis=axis))
-    if cfg.rot90_prob > 0 and not with_dino and cfg.patch_size[1] == cfg.patch_size[2]:
+            if not (sided and axis == lr_axis):
+                steps.append(RandFlipd(keys=flip_keys, prob=cfg.flip_prob, spatial_axis=axis))
+    if cfg.rot90_prob > 0 and not with_dino and not sided and cfg.patch_size[1] == cfg.patch_size[2]:
         steps.append(RandRotate90d(keys=["image", "label"], prob=cfg.rot90_prob, max_k=3, spatial_axes=(1, 2)))
     if cfg.scale_intensity_prob > 0:
         steps.append(RandScaleIntensityd(keys="image", factors=cfg.scale_intensity_factor,
@@ -449,6 +471,10 @@ def train_transform(site: Site, cfg: PreprocessConfig, feature_fn: FeatureFn | N
     if cfg.shift_intensity_prob > 0:
         steps.append(RandShiftIntensityd(keys="image", offsets=cfg.shift_intensity_offset,
                                          prob=cfg.shift_intensity_prob))
+    if cfg.gamma_prob > 0:
+        steps.append(RandAdjustContrastd(keys="image", prob=cfg.gamma_prob, gamma=cfg.gamma_range))
+    if cfg.noise_prob > 0 and cfg.noise_std > 0:
+        steps.append(RandGaussianNoised(keys="image", prob=cfg.noise_prob, std=cfg.noise_std))
     return SiteCompose(steps)
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "ConvNormAct",
     "ConvStage",
     "FiLM",
+    "TanhGate",
     "WindowCrossAttention3d",
     "TaskPromptGenerator",
     "ClassRows",
@@ -113,12 +114,27 @@ def _window_mask(size, padded, win, shift, device) -> Tensor | None:
     return allowed[:, None]
 
 
+class TanhGate(nn.Module):
+    """``x * tanh(alpha)`` with one learnable scalar ``alpha``, zero at init (Flamingo's gated cross-attention): a
+    residual branch added through it starts switched off and opens only as far as training finds it useful."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.tanh(self.alpha).to(x.dtype)
+
+
 class WindowCrossAttention3d(nn.Module):
     """One (shifted-)window cross-attention block: CNN stream ``x`` attended by queries from ``context``.
 
-    ``x <- x + proj(attn(q=LN(context), k,v=LN(x)))`` in local ``window``^3 windows, then ``x <- x + MLP(LN(x))``.
-    Both inputs are ``[B, C, D, H, W]`` on the same grid. Sizes that are not window multiples are padded (padded keys
-    masked) and cropped back; an axis shorter than the window uses one window of its length and no shift.
+    ``x <- x + g1 * proj(attn(q=LN(context), k,v=LN(x)))`` in local ``window``^3 windows, then
+    ``x <- x + g2 * MLP(LN(x))``, with zero-initialised tanh gates ``g1, g2`` (:class:`TanhGate`): at init the block is
+    the identity, so the CNN learns undisturbed by the frozen ViT's features (meaningless ones, for a randomly
+    initialised ViT) until the gates open. Both inputs are ``[B, C, D, H, W]`` on the same grid. Sizes that are not
+    window multiples are padded (padded keys masked) and cropped back; an axis shorter than the window uses one
+    window of its length and no shift.
     """
 
     def __init__(self, dim: int, heads: int = 4, window: int = 3, shifted: bool = False, mlp_ratio: float = 2.0):
@@ -131,6 +147,7 @@ class WindowCrossAttention3d(nn.Module):
         hidden = max(1, int(round(dim * mlp_ratio)))
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.gate_attn, self.gate_mlp = TanhGate(), TanhGate()
         self._masks: dict[tuple, Tensor | None] = {}
 
     def _geometry(self, size):
@@ -165,8 +182,8 @@ class WindowCrossAttention3d(nn.Module):
         out = _merge(out, win, padded)
         out = torch.roll(out, shifts=shift, dims=(1, 2, 3)) if any(shift) else out
         out = out[:, : size[0], : size[1], : size[2]]
-        xt = xt + self.proj(out)
-        xt = xt + self.mlp(self.norm_mlp(xt))
+        xt = xt + self.gate_attn(self.proj(out))
+        xt = xt + self.gate_mlp(self.mlp(self.norm_mlp(xt)))
         return xt.permute(0, 4, 1, 2, 3)
 
 
