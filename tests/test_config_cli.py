@@ -44,7 +44,7 @@ def test_feature_cache_tiles_equal_the_patch_in_plane():
 
     import torch
 
-    cfg = compose_config("demo", ["data.preprocess.patch_size=[16,32,32]"])
+    cfg = compose_config("demo", ["model=cdpdnet_tiny", "data.preprocess.patch_size=[16,32,32]"])
     vocab_classes = 32
     bank = EmbeddingBank(class_names=[f"c{i}" for i in range(vocab_classes)], class_embeddings=torch.randn(32, 8),
                          task_names=["t"], task_embeddings=torch.randn(1, 8), class_template="{}",

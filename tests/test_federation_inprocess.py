@@ -28,7 +28,9 @@ def hospitals(tmp_path_factory):
 
 def tiny_cfg(root, rounds=2, *extra):
     return compose_config("demo", [
-        f"data.root={root}", f"text.bank={root / 'bank.pt'}", f"federation.rounds={rounds}", "train.local_steps=2", "train.batch_size=1",
+        f"data.root={root}", f"text.bank={root / 'bank.pt'}", "model=cdpdnet_tiny",  # with its (frozen) DINOv2 branch
+        f"federation.rounds={rounds}", "train.local_steps=2", "train.batch_size=1",
+        "train.bce_weight=1.0",  # the paper's Dice + BCE: a crop without foreground still gives a gradient
         "data.preprocess.patch_size=[16,16,16]", "data.preprocess.spacing=[12,12,12]", "data.preprocess.num_crops=1",
         "data.val_fraction=0.5", "eval.max_cases=1", "eval.hd95=false", "run.threads=null", *extra,
     ])
