@@ -30,7 +30,8 @@ def tiny_simulation(tmp_path, monkeypatch, *extra: str) -> tuple:
 
 
 def test_three_sites_two_rounds_flower_simulation(tmp_path, monkeypatch, capsys):
-    results, overrides = tiny_simulation(tmp_path, monkeypatch, "federation.rounds=2")
+    # cdpdnet_tiny: the demo's network with its frozen DINOv2 branch, so the frozen bundle is worth measuring
+    results, overrides = tiny_simulation(tmp_path, monkeypatch, "federation.rounds=2", "model=cdpdnet_tiny")
     code = simulate_main(["--experiment", "demo", "--overrides", overrides, "--run-name", "sim"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
