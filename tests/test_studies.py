@@ -107,6 +107,29 @@ def test_mean_std_skips_missing_values():
     assert math.isnan(mean_std([None])[0])
 
 
+def test_results_page_keeps_sections_of_studies_run_elsewhere(tmp_path):
+    """Rebuilding the page on a machine that holds only some studies' outputs keeps the others' sections and rows
+    (e.g. studies run on a GPU machine); a study that never ran stays "Not run yet"."""
+    from fedtextseg.studies.results_page import build_results_page
+
+    elsewhere, here, page = tmp_path / "gpu" / "studies", tmp_path / "cpu" / "studies", tmp_path / "docs" / "results.md"
+    for root, study, figure in ((elsewhere, "privacy", "0.42"), (here, "performance", "1.23")):
+        (root / study).mkdir(parents=True)
+        (root / study / "table.md").write_text(f"# Study `{study}`\n\n| a | b |\n|---|---|\n| x | {figure} |\n")
+        (root / study / "study.json").write_text(json.dumps({
+            "date": "2026-12-01 10:00 UTC", "size": "cpu",
+            "machine": {"cpu_model": f"cpu-of-{study}", "cpus": 2, "torch": "2.x", "device": "cpu"}}))
+    build_results_page(elsewhere, page)
+    build_results_page(here, page)
+    text = page.read_text()
+    assert "## Study `privacy`" in text and "| x | 0.42 |" in text and "cpu-of-privacy" in text  # kept
+    assert "## Study `performance`" in text and "| x | 1.23 |" in text  # rebuilt from this machine's outputs
+    assert "Not run yet: `python simulations/run_study.py main`" in text
+    assert text.count('<a id="privacy"></a>') == 1 and text.count("| [privacy](#privacy)") == 1
+    build_results_page(here, page)  # idempotent: the kept section does not grow
+    assert page.read_text().split("\n", 2)[2] == text.split("\n", 2)[2]
+
+
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     """Two tiny synthetic hospitals + an unseen one, a prebuilt text bank, and a study file over them."""

@@ -3,8 +3,9 @@
     python scripts/update_results_page.py [--studies results/studies] [--page docs/results.md]
 
 Each study's ``table.md`` is included with its figures copied to ``docs/images/results/<study>-<figure>.png`` (so
-the page renders on GitHub without the untracked ``results/`` folder). A study that has not run yet is listed with
-the command that produces it.
+the page renders on GitHub without the untracked ``results/`` folder). A study whose outputs are not on this machine
+keeps its section and summary row from the existing page (the page records runs made elsewhere, e.g. a GPU
+machine); one that has never run is listed with the command that produces it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,26 @@ def _study_section(folder: Path, images: Path, page_dir: Path) -> list[str]:
             "(table.csv, per_class.csv, runs.csv, configs/).", ""]
 
 
+def _previous_page(page: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Summary rows and sections (``<a id=...>`` to the next anchor) of an existing page, by study name."""
+    if not page.is_file():
+        return {}, {}
+    lines = page.read_text().splitlines()
+    rows = {m.group(1): line for line in lines if (m := re.match(r"\| \[([^\]]+)\]\(#", line))}
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in lines:
+        m = re.fullmatch(r'<a id="([^"]+)"></a>', line.strip())
+        if m:
+            current = m.group(1)
+            sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+    kept = {n: "\n".join(body).strip("\n").splitlines() + [""] for n, body in sections.items()
+            if not any(b.startswith("Not run yet:") for b in body)}
+    return {n: r for n, r in rows.items() if n in kept}, kept
+
+
 def build_results_page(studies_dir: str | Path = "results/studies", page: str | Path = "docs/results.md") -> Path:
     """Write the results page from whatever studies have finished; returns its path."""
     studies_dir, page = Path(studies_dir), Path(page)
@@ -57,6 +78,7 @@ def build_results_page(studies_dir: str | Path = "results/studies", page: str | 
     found = sorted(d.name for d in studies_dir.glob("*") if (d / "table.md").is_file() and d.name != PERFORMANCE)
     names = list(dict.fromkeys([*STUDY_COMMANDS, *list_studies(), *found, PERFORMANCE]))
     done = [n for n in names if (studies_dir / n / "table.md").is_file()]
+    old_rows, old_sections = _previous_page(page)
     lines = ["# Benchmark results", "",
              f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by `python scripts/update_results_page.py` "
              "from `results/studies/*`. Each section states when and on which machine its numbers were produced. "
@@ -70,12 +92,17 @@ def build_results_page(studies_dir: str | Path = "results/studies", page: str | 
         where = (f"{machine.get('cpu_model')}, {machine.get('cpus')} cores, torch {machine.get('torch')}, "
                  f"{machine.get('device')}") if machine else ""
         when = f"{info.get('date')} ({info.get('size')} budget)" if info else "not run yet"
+        if name not in done and name in old_rows:
+            lines.append(old_rows[name])
+            continue
         lines.append(f"| [{name}](#{name}) | {when} | {where} | `{_command(name)}` |")
     lines.append("")
     for name in names:
         lines += [f'<a id="{name}"></a>', ""]
         if name in done:
             lines += _study_section(studies_dir / name, images, page.parent)
+        elif name in old_sections:
+            lines += old_sections[name]
         else:
             lines += [f"## {name}", "", f"Not run yet: `{_command(name)}`.", ""]
     page.parent.mkdir(parents=True, exist_ok=True)
