@@ -13,10 +13,11 @@ Deterministic part, :func:`preprocess_transform` (what ``PersistentDataset``/``C
     FeatureHookd         optional feature_fn(image [1, D, H, W]) -> {"dino": [F, D, Hg, Wg], "dino_tile": (th, tw, g)}
 
 Random part, :func:`train_transform` = deterministic + ``RandTileCropByPosNegd`` (``num_crops`` patches per volume,
-pos:neg 2:1, positive centres class-balanced, in-plane starts optionally snapped to the tile grid, ``dino`` cropped alongside) + ``DecodeLabelsd``
-(codes -> uint8 channels [C, *patch]) + flips and in-plane rot90 (not with ``dino``; never a left-right mirror when
-the vocabulary has sided classes) + intensity scale/shift, gamma contrast and Gaussian noise on ``image`` (with
-cached ``dino`` features the ViT saw the unaugmented slice: intensity augmentation reaches the CNN input only).
+pos:neg 2:1, positive centres class-balanced, in-plane starts optionally snapped to the tile grid, ``dino`` cropped
+alongside) + ``DecodeLabelsd`` (codes -> uint8 channels [C, *patch]) + flips and in-plane rot90 (not with ``dino``;
+never a left-right mirror when the vocabulary has sided classes) + intensity scale/shift, gamma contrast and Gaussian
+noise on ``image`` (with cached ``dino`` features the ViT saw the unaugmented slice: intensity augmentation reaches
+the CNN input only).
 Validation, :func:`val_transform`: the deterministic part + ``DecodeLabelsd`` on whole volumes.
 
 Output keys: ``image`` MetaTensor float32 [1, *spatial] in [0, 1] (before intensity augmentation); ``label``
@@ -40,7 +41,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import (Compose, CropForegroundd, DivisiblePadd, EnsureChannelFirstd, Invertd, MapTransform,
                               Orientationd, RandAdjustContrastd, RandFlipd, RandGaussianNoised, Randomizable,
-                              RandRotate90d, RandScaleIntensityd, RandShiftIntensityd, ScaleIntensityRanged, Spacingd, SpatialCrop, SpatialPadd, Transform)
+                              RandRotate90d, RandScaleIntensityd, RandShiftIntensityd, ScaleIntensityRanged, Spacingd,
+                              SpatialCrop, SpatialPadd, Transform)
 from monai.utils import MetaKeys, SpaceKeys, TraceKeys
 
 from fedtextseg.data.io import AFFINE_TOLERANCE, grid_mismatch, read_label, read_nifti
@@ -108,7 +110,8 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         for name, cast in (("spacing", float), ("hu_window", float), ("patch_size", int), ("pos_neg", float),
-                           ("tile", int), ("gamma_range", float)):  # lists from YAML/Hydra -> tuples, so the config hashes and compares
+                           ("tile", int), ("gamma_range", float)):
+            # lists from YAML/Hydra -> tuples, so the config hashes and compares
             value = getattr(self, name)
             object.__setattr__(self, name, tuple(cast(v) for v in value) if value is not None else None)
         problems = []
