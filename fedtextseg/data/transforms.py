@@ -391,10 +391,13 @@ class RandTileCropByPosNegd(Randomizable, MapTransform):
         self.max_negative_tries = max_negative_tries
         self._starts: list[tuple[int, ...]] = []
 
-    def _pick_voxel(self, codes: torch.Tensor, positive: torch.Tensor, present: list[int]) -> int:
+    def _pick_voxel(self, codes: torch.Tensor, positive: torch.Tensor, present: list[int],
+                    voxels_of: dict[int, torch.Tensor]) -> int:
         if present and self.R.rand() < self.pos_ratio:
-            lut = self.class_luts[present[self.R.randint(len(present))]]
-            voxels = torch.nonzero(lut[codes].reshape(-1)).reshape(-1)
+            cls = present[self.R.randint(len(present))]
+            if cls not in voxels_of:  # one pass over the volume per class, however many crops pick it
+                voxels_of[cls] = torch.nonzero(self.class_luts[cls][codes].reshape(-1)).reshape(-1)
+            voxels = voxels_of[cls]
             return int(voxels[self.R.randint(voxels.numel())])
         flat = positive.reshape(-1)
         for _ in range(self.max_negative_tries):
@@ -411,9 +414,9 @@ class RandTileCropByPosNegd(Randomizable, MapTransform):
         positive = self.positive_lut[codes]
         counts = torch.bincount(codes.reshape(-1), minlength=self.class_luts.shape[1])[: self.class_luts.shape[1]]
         present = [i for i in range(self.class_luts.shape[0]) if bool((counts[self.class_luts[i]] > 0).any())]
-        self._starts = []
+        self._starts, voxels_of = [], {}
         for _ in range(self.num_samples):
-            voxel = np.unravel_index(self._pick_voxel(codes, positive, present), shape)
+            voxel = np.unravel_index(self._pick_voxel(codes, positive, present, voxels_of), shape)
             tiles = (None, *(tile or (None, None)))
             self._starts.append(tuple(
                 _snapped_start(int(v), p, s, t) for v, p, s, t in zip(voxel, self.spatial_size, shape, tiles)
