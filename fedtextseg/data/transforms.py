@@ -462,12 +462,12 @@ def train_transform(site: Site, cfg: PreprocessConfig, feature_fn: FeatureFn | N
     # a mirror across the body's midline turns a right kidney into a left one: with sided classes (left/right) in the
     # vocabulary, never flip the left-right axis and never rotate in-plane (a half turn is that mirror too)
     sided = any(site.vocabulary.side_of(c) for c in site.vocabulary.class_names)
-    lr_axis = next(i for i, code in enumerate(cfg.orientation) if code in "LR")
+    lr_axis = next((i for i, code in enumerate(cfg.orientation) if code in "LR"), None) if sided else None
     if cfg.flip_prob > 0:
         # in-plane flips do not commute with the 2D ViT features: with dino, flip only along the slice axis
         flip_keys = ["image", "label", "dino"] if with_dino else ["image", "label"]
         for axis in (0,) if with_dino else (0, 1, 2):
-            if not (sided and axis == lr_axis):
+            if axis != lr_axis:
                 steps.append(RandFlipd(keys=flip_keys, prob=cfg.flip_prob, spatial_axis=axis))
     if cfg.rot90_prob > 0 and not with_dino and not sided and cfg.patch_size[1] == cfg.patch_size[2]:
         steps.append(RandRotate90d(keys=["image", "label"], prob=cfg.rot90_prob, max_k=3, spatial_axes=(1, 2)))
