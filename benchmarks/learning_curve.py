@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+_NOTABLE_FLAGS = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 
 
 def learning_curve(experiment: str, overrides: str, steps: int, eval_every: int, cases: int, threads: int | None,
@@ -75,26 +76,30 @@ def learning_curve(experiment: str, overrides: str, steps: int, eval_every: int,
         every = [v["dice"] for v in summary.values() if "dice" in v]
         point = {"step": done, "train_seconds": round(train_seconds, 1), "seconds_per_step": train_seconds / done,
                  "loss": stats.loss, "organ_mean_dice": float(np.nanmean(list(organs.values()))),
+                 "organ_dice_per_cpu_minute": float(np.nanmean(list(organs.values()))) / (train_seconds / 60),
                  "class_mean_dice": float(np.nanmean(every)), "organs": organs}
         points.append(point)
         log(f"step {done}: organs {point['organ_mean_dice']:.3f}, all classes {point['class_mean_dice']:.3f}, "
             f"{point['seconds_per_step']:.2f} s/step | " + " ".join(f"{c}={d:.2f}" for c, d in organs.items()))
     return {"experiment": experiment, "overrides": overrides, "steps": steps, "unseen_cases": cases,
             "model": cfg.model.name, "dino": model.provenance["dino"], "torch_threads": torch.get_num_threads(),
+            "precision": engine.resolve_precision(device, cfg.run.precision),
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                        "device": str(device)},
+                        "device": str(device), "cpu_flags": sorted(engine.cpu_flags() & _NOTABLE_FLAGS)},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "points": points}
 
 
 def _markdown(result: dict) -> str:
     organs = list(result["points"][-1]["organs"]) if result["points"] else []
     lines = [f"# Learning curve: {result['experiment']} {result['overrides']}".rstrip(), "",
-             f"{result['date']}, {result['machine']['processor']} ({result['torch_threads']} torch threads), "
-             f"device {result['machine']['device']}; unseen hospital, {result['unseen_cases']} cases.", "",
-             "| step | s/step | organ mean | all classes | " + " | ".join(organs) + " |",
-             "|---" * (4 + len(organs)) + "|"]
+             f"{result['date']}, {result['machine']['processor']} ({result['torch_threads']} torch threads, CPU flags "
+             f"{' '.join(result['machine']['cpu_flags']) or 'none of note'}), device {result['machine']['device']}, "
+             f"precision {result['precision']}; unseen hospital, {result['unseen_cases']} cases.", "",
+             "| step | s/step | organ mean | organ Dice / CPU min | all classes | " + " | ".join(organs) + " |",
+             "|---" * (5 + len(organs)) + "|"]
     for p in result["points"]:
         lines.append(f"| {p['step']} | {p['seconds_per_step']:.2f} | {p['organ_mean_dice']:.3f} | "
+                     f"{p['organ_dice_per_cpu_minute']:.3f} | "
                      f"{p['class_mean_dice']:.3f} | " + " | ".join(f"{p['organs'][c]:.2f}" for c in organs) + " |")
     return "\n".join(lines) + "\n"
 

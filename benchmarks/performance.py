@@ -45,12 +45,12 @@ def _run_json(cmd: list[str], result: Path) -> object:
 
 
 def step_rows(args, work: Path) -> list[dict]:
-    """Training step: cache vs recompute (train_step.py) and plain vs DP-SGD (privacy_overhead.py)."""
+    """Training step: precision, layout and DINOv2 cache vs recompute (train_step.py) and plain vs DP-SGD (privacy_overhead.py)."""
     rows = []
-    cache = _run_json([sys.executable, "benchmarks/train_step.py", "--steps", str(args.steps), "--batch", "4",
-                       "--out", str(work / "train_step")], work / "train_step" / "train_step.json")
-    for r in cache:
-        rows.append({"section": "training step", "variant": f"DINOv2 features {r['variant']} (4 patches)",
+    cache = _run_json([sys.executable, "benchmarks/train_step.py", "--overrides", "model=cdpdnet_tiny", "--steps",
+                       str(args.steps), "--out", str(work / "train_step")], work / "train_step" / "train_step.json")
+    for r in cache["rows"]:
+        rows.append({"section": "training step", "variant": f"{r['variant']} ({r['patches']} patches)",
                      "seconds": r["step_s_median"], "peak_mb": r["peak_mb"], "device": r["device"]})
     dp = _run_json([sys.executable, "benchmarks/privacy_overhead.py", "--models", "cdpdnet_tiny", "--modes", "plain",
                     "dp-hooks", "--steps", str(args.steps), "--out", str(work / "privacy_overhead")],

@@ -5,17 +5,21 @@ Models are used through one contract: ``model.forward_batch(batch) -> {"logits":
 ``annotated``, ``task`` and model-specific keys such as cached ``dino`` features or ``caption``). So the same
 loop trains CDPDNet (3D) and TGC-Net (2D).
 
-Device and precision are chosen automatically: CUDA when present with bf16 autocast and channels-last memory
-format for 3D convolutions; CPU in float32 otherwise. Nothing here requires a GPU.
+Device and precision are chosen automatically: CUDA when present, else the CPU; bf16 autocast where the device
+computes bf16 natively (CUDA; a CPU with AVX512-BF16 or AMX, read from its flags, not assumed), float32 elsewhere;
+channels-last memory format for 3D convolutions on both (faster oneDNN and cuDNN kernels). benchmarks/train_step.py
+measures each choice side by side. Nothing here requires a GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -28,6 +32,9 @@ from fedtextseg.metrics import MetricAccumulator
 
 __all__ = [
     "resolve_device",
+    "cpu_flags",
+    "cpu_has_native_bf16",
+    "resolve_precision",
     "autocast",
     "prepare_model",
     "make_optimizer",
@@ -51,21 +58,67 @@ def resolve_device(preference: str | torch.device = "auto") -> torch.device:
     return torch.device(preference)
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where the system does not say)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16) and oneDNN can use it: there bf16
+    autocast measured 1.5x faster than float32 for the demo's training step (benchmarks/train_step.py). Without those
+    units bf16 is emulated and slower, so ``auto`` stays in float32."""
+    if not {"avx512_bf16", "amx_bf16"} & cpu_flags():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - torch built without oneDNN
+        return False
+
+
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """``auto`` -> ``bf16`` on CUDA with bf16 (else ``fp16``) and on a CPU with native bf16, else ``fp32``."""
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"unknown precision {precision!r} (auto | bf16 | fp16 | fp32)")
+    if precision != "auto":
+        return "fp32" if precision == "fp16" and device.type != "cuda" else precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
 def autocast(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on CUDA (``auto`` or ``bf16``), fp16 if asked, nothing on CPU or with ``fp32``."""
-    if precision == "fp32" or device.type != "cuda":
+    """Autocast for :func:`resolve_precision`'s choice: bf16 (CUDA or CPU), fp16 (CUDA only), nothing for fp32."""
+    precision = resolve_precision(device, precision)
+    if precision == "fp32":
         return contextlib.nullcontext()
-    if precision in ("auto", "bf16") and torch.cuda.is_bf16_supported():
+    if device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if precision in ("auto", "fp16"):
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16)
+
+
+# Devices whose 3D convolutions run faster channels-last: cuDNN, and oneDNN on CPU (1.1-1.2x per training step,
+# benchmarks/train_step.py, which empties this to measure the contiguous layout side by side).
+CHANNELS_LAST_DEVICES: tuple[str, ...] = ("cuda", "cpu")
+
+
+def _channels_last(device: torch.device) -> bool:
+    return device.type in CHANNELS_LAST_DEVICES
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move to the device; channels-last-3d for 3D conv nets on CUDA (faster cuDNN kernels)."""
+    """Move to the device; channels-last-3d for 3D conv nets (see :func:`_channels_last`)."""
     model = model.to(device)
-    if device.type == "cuda" and getattr(model, "spatial_dims", 3) == 3:
+    if _channels_last(device) and getattr(model, "spatial_dims", 3) == 3:
         model = model.to(memory_format=torch.channels_last_3d)
     return model
 
@@ -75,7 +128,7 @@ def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
             v = v.to(device, non_blocking=True)
-            if k == "image" and device.type == "cuda" and v.dim() == 5:
+            if k == "image" and _channels_last(device) and v.dim() == 5:
                 v = v.contiguous(memory_format=torch.channels_last_3d)
         out[k] = v
     return out
@@ -157,14 +210,15 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, precision):
             out = model.forward_batch(batch)
-            loss = loss_fn(out["logits"], batch["label"], batch["annotated"])
+            logits = out["logits"].float()  # the loss's sums over whole patches stay in float32 under bf16 autocast
+            loss = loss_fn(logits, batch["label"], batch["annotated"])
             if out.get("aux_loss") is not None:
                 loss = loss + out["aux_loss"]
             if teacher is not None and distill_fn is not None and distill_weight > 0:
                 with torch.no_grad():
                     teacher_logits = teacher.forward_batch(batch)["logits"]
                 loss = loss + distill_weight * distill_fn(
-                    out["logits"], teacher_logits, batch["label"], batch["annotated"]
+                    logits, teacher_logits.float(), batch["label"], batch["annotated"]
                 )
         if ref is not None:
             loss = loss + 0.5 * prox_mu * _proximal_term(model, ref)
@@ -209,7 +263,9 @@ def predict_logits(
     device = resolve_device(device)
     model.eval()
     x = image.unsqueeze(0).to(device)
-    if device.type == "cuda" and x.dim() == 5:
+    if getattr(model, "input_extras", 0):  # e.g. coordinate channels, made on the whole volume before sliding
+        x = model.add_coordinates(x)
+    if _channels_last(device) and x.dim() == 5:
         x = x.contiguous(memory_format=torch.channels_last_3d)
 
     def predictor(window: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,8 @@ Validation, :func:`val_transform`: the deterministic part + ``DecodeLabelsd`` on
 
 Output keys: ``image`` MetaTensor float32 [1, *spatial] in [0, 1] (before intensity augmentation); ``label``
 MetaTensor uint8 [C, *spatial]; ``annotated`` float32 [C]; ``task`` int; ``case_id`` str; train crops add
-``crop_start`` int64 [3] (crop start in the cached volume); with features ``dino`` [F, pd, ph/th*g, pw/tw*g] and
+``crop_start`` int64 [3] (crop start in the cached volume) and ``volume_shape`` int64 [3] (its size; together they
+place the crop in the body, for models with coordinate channels); with features ``dino`` [F, pd, ph/th*g, pw/tw*g] and
 ``dino_tile``. MONAI metadata and ``applied_operations`` are kept: :func:`invert_to_input` maps a prediction back
 to the input image grid (also for volumes loaded from the cache).
 """
@@ -445,6 +446,7 @@ class RandTileCropByPosNegd(Randomizable, MapTransform):
                     :, z0:z0 + pd, y0 // th * g:(y0 + ph) // th * g, x0 // tw * g:(x0 + pw) // tw * g
                 ].clone()
             sample["crop_start"] = torch.as_tensor(start, dtype=torch.int64)
+            sample["volume_shape"] = torch.as_tensor(d[self.label_key].shape[1:], dtype=torch.int64)
             out.append(sample)
         return out
 
