@@ -54,6 +54,11 @@ def environment_info() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpus": os.cpu_count(),
     }
+    from fedtextseg import engine
+
+    device = engine.resolve_device("auto")
+    info["precision_auto"] = engine.resolve_precision(device, "auto")  # what run.precision=auto trains in here
+    info["cpu_bf16_flags"] = sorted(engine.cpu_flags() & {"avx512_bf16", "amx_bf16"})
     try:
         import flwr
         import monai

@@ -4,10 +4,10 @@
   optimizer: the demo network must overfit it (mean Dice > 0.9 over the batch's annotated classes within 200 steps),
   and so must a plain MONAI ``BasicUNet`` of similar size, the control that tells a model defect from a data or loss
   defect. Before the text bank was centred (``cdpdnet.centred_text``) the demo network stalled here at 0.55.
-* Sided classes: a model trained on crops that each show one kidney must still put "left kidney" on the patient's
-  left, on a volume and on its mirror-stored (LAS) copy, through ``fedtextseg predict``'s whole path.
-* Coordinate channels: a crop's channels are the whole volume's channels cropped, so training and sliding-window
-  inference see the same thing.
+* Sided classes: the demo network trained on one hospital's crops must put "left kidney" on the patient's left, on
+  an unseen case and on its mirror-stored (LAS) copy, through ``fedtextseg predict``'s whole path.
+* Coordinate channels (``coordinate_axes``, a CDPDNet option the demo leaves off): a crop's channels are the whole
+  volume's channels cropped, so training and sliding-window inference see the same thing.
 """
 
 from __future__ import annotations
@@ -135,7 +135,6 @@ def test_left_kidney_channel_lies_on_the_patients_left_also_in_a_mirror_stored_c
     cfg, site = demo_site
     torch.manual_seed(0)
     model = build_model(cfg, prepare_bank(cfg, log_fn=lambda *_: None))
-    assert model.config.coordinate_axes == (2,), "the demo network has a left-right coordinate channel"
     runner = SiteRunner(cfg, site, model, cache_dir=False)
     for round_ in range(1, 4):  # 3 x 100 steps on crops that mostly show one kidney, or none
         runner.train_round(round_=round_, total_rounds=3, steps=100, log_every=0)
@@ -153,3 +152,31 @@ def test_left_kidney_channel_lies_on_the_patients_left_also_in_a_mirror_stored_c
         pred = predictor.predict_file(path)
         left, right = (_world_centroid_x(pred.mask(c), pred.affine) for c in ("left kidney", "right kidney"))
         assert left < right, f"{path}: left kidney centroid x={left:.0f} mm, right kidney x={right:.0f} mm"
+
+
+def test_precision_follows_the_cpus_bf16_flags(monkeypatch):
+    cpu = torch.device("cpu")
+    engine.cpu_flags.cache_clear()
+    monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert engine.resolve_precision(cpu, "auto") == "fp32"  # bf16 would be emulated: slower, so not chosen
+    with engine.autocast(cpu, "auto"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
+    expected = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    assert engine.resolve_precision(cpu, "auto") == expected
+    assert engine.resolve_precision(cpu, "fp32") == "fp32" and engine.resolve_precision(cpu, "bf16") == "bf16"
+    assert engine.resolve_precision(cpu, "fp16") == "fp32"  # no fp16 autocast on CPU
+    with engine.autocast(cpu, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown precision"):
+        engine.resolve_precision(cpu, "fp8")
+
+
+def test_a_3d_network_trains_channels_last_on_cpu():
+    from tests.conftest import make_bank
+    from fedtextseg.models import create_model
+
+    model = engine.prepare_model(create_model("cdpdnet_tiny", **make_bank(), dino={"enabled": False}), torch.device("cpu"))
+    assert model.encoder[0][0].conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    batch = engine.move_batch({"image": torch.rand(1, 1, 16, 16, 16)}, torch.device("cpu"))
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last_3d)

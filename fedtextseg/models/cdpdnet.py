@@ -33,7 +33,7 @@ from fedtextseg.models.registry import config_from_dict, merge_config, model_con
 from fedtextseg.params import ParamGroups, build_param_groups, norm_parameter_names
 from fedtextseg.vocab import UnknownClassError, UnknownTaskError, get_vocabulary, normalize_name
 
-__all__ = ["CDPDNetConfig", "CDPDNet", "CDPDNET_CONFIGS", "centred_text", "coordinate_grid"]
+__all__ = ["CDPDNetConfig", "CDPDNet", "CDPDNET_CONFIGS", "centred_text", "text_centre", "coordinate_grid"]
 
 
 @dataclass
@@ -107,6 +107,10 @@ class CDPDNet(nn.Module):
             raise ConfigError("text_conditioning=True needs at least one task embedding")
         self.register_buffer("class_embeddings", ce)
         self.register_buffer("task_embeddings", te)
+        # the centres the text conditions are taken relative to (see centred_text): fixed with the bank the model is
+        # built from, so a class added later (set_class_bank) leaves every other class's head as it was
+        self.register_buffer("class_text_centre", text_centre(ce))
+        self.register_buffer("task_text_centre", text_centre(te))
         self._set_names(class_names, task_names)
         self.model_name = "cdpdnet"
         w, text, emb = cfg.widths, cfg.text_conditioning, ce.shape[1]
@@ -248,8 +252,9 @@ class CDPDNet(nn.Module):
         task_cond = class_cond = None
         if self.config.text_conditioning:
             task = self._task_tensor(task, b, image.device)
-            task_cond = self.task_proj(centred_text(self.task_embeddings)[task])  # [B, text_dim], per sample
-            class_cond = self.class_proj(centred_text(self.class_embeddings).expand(b, -1, -1))  # batch-first (DP)
+            task_cond = self.task_proj(centred_text(self.task_embeddings[task], self.task_text_centre))  # [B, dim]
+            class_cond = self.class_proj(centred_text(self.class_embeddings, self.class_text_centre)
+                                         .expand(b, -1, -1))  # batch-first for DP-SGD
         ctx = self._dino_context(image, dino_features)
         skips, x = [], image
         for i, stage in enumerate(self.encoder):
@@ -316,7 +321,7 @@ class CDPDNet(nn.Module):
         """DINOv2 + text bank: frozen_common; head residual rows: per_class (axis 0); norms: local if local_norms."""
         local = norm_parameter_names(self, exclude_prefixes=("dino.",)) if self.config.local_norms else set()
         return build_param_groups(
-            self, frozen_common=lambda n: n.startswith("dino.") or n in ("class_embeddings", "task_embeddings"),
+            self, frozen_common=lambda n: n.startswith("dino.") or n in _TEXT_BUFFERS,
             per_class={"head.residual.weight": 0, "head.residual.bias": 0}, local=local.__contains__)
 
     def to(self, *args, **kwargs):
@@ -353,19 +358,29 @@ def coordinate_grid(start: Tensor, size: Sequence[int], volume_shape: Tensor, de
                         axes[2][:, None, None, :].expand(b, d, h, w)], dim=1)
 
 
-def centred_text(embeddings: Tensor) -> Tensor:
-    """Prompt embeddings ``[N, E]`` minus their mean over the bank, each re-normalised to unit length.
+_TEXT_BUFFERS = ("class_embeddings", "task_embeddings", "class_text_centre", "task_text_centre")
+
+
+def text_centre(embeddings: Tensor) -> Tensor:
+    """The mean ``[E]`` of a bank's prompt embeddings ``[N, E]`` (zeros for a bank of fewer than two: nothing to
+    centre on)."""
+    if embeddings.shape[0] < 2:
+        return embeddings.new_zeros(embeddings.shape[1])
+    return embeddings.mean(dim=0)
+
+
+def centred_text(embeddings: Tensor, centre: Tensor) -> Tensor:
+    """Prompt embeddings ``[N, E]`` minus the bank's mean ``centre`` (:func:`text_centre`), re-normalised to unit
+    length.
 
     Every class prompt shares its template ("A computerized tomography of a ..."), so raw embeddings are nearly
     parallel: mean pairwise cosine 0.87 for the real CLIP ViT-B/32 bank, 0.57 for the packaged MiniLM one. Heads and
     FiLM generated from them start out (almost) the same for every class, and the one-batch overfit test stalled at
     0.55 mean Dice with several organs near 0 where a plain U-Net reaches 0.97; centred, the classes differ from the
-    first step and the same test reaches 0.94. The bank is common to all sites, so every site centres identically.
-    A single-entry bank is returned as it is (its centred form would be zero)."""
-    if embeddings.shape[0] < 2:
-        return embeddings
-    centred = embeddings - embeddings.mean(dim=0, keepdim=True)
-    return centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    first step and the same test reaches 0.94. The bank and its centre are frozen common parts, identical at every
+    site."""
+    centred = embeddings - centre.to(embeddings.dtype)
+    return centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
 # ---------------------------------------------------------------------- named configurations
