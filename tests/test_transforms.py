@@ -272,6 +272,16 @@ def test_persistent_cache_is_reused(liver_site, tmp_path, monkeypatch):
     assert run_epoch().cache_dir != data.cache_dir and len(reads) == 7
 
 
+def test_a_half_filled_disk_cache_gives_batches_that_collate(liver_site, tmp_path):
+    """An interrupted run leaves some cases cached: a batch of one cached and one freshly computed volume collates."""
+    cfg = PreprocessConfig(patch_size=(16, 16, 16), num_crops=2)
+    build_site_data(liver_site, cfg, cache_dir=tmp_path, val_fraction=0.0).train_ds[0]  # only case 0 is cached
+    data = build_site_data(liver_site, cfg, cache_dir=tmp_path, val_fraction=0.0)
+    assert len(list(data.cache_dir.glob("*.pt"))) == 1
+    batch = next(iter(make_loader(data.train_ds, batch_size=2, shuffle=False)))  # case 0 from disk, case 1 computed
+    assert batch["image"].shape == (4, 1, 16, 16, 16) and batch["annotated"].shape == (4, C)
+
+
 def test_tampered_cache_file_is_not_unpickled(liver_site, tmp_path, monkeypatch):
     cfg = PreprocessConfig(patch_size=(16, 16, 16))
     data = build_site_data(liver_site, cfg, cache_dir=tmp_path, val_fraction=0.0)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor, PersistentDataset, list_data_collate
 from monai.data.utils import pickle_hashing
+from monai.utils import convert_to_tensor
 
 from fedtextseg.data.labels import LabelCoder
 from fedtextseg.data.site import Case, Site
@@ -182,6 +183,12 @@ class SitePersistentDataset(_SiteErrorsMixin, PersistentDataset):
     """
 
     def _cachecheck(self, item_transformed):
+        item = self._cached_or_computed(item_transformed)
+        # MONAI saves an item converted (plain tensors -> MetaTensor) but returns a freshly computed one as it is:
+        # convert that one alike, so a half-filled cache (an interrupted run, new cases) yields batches that collate
+        return convert_to_tensor(item, convert_numeric=False, track_meta=self.track_meta) if self.track_meta else item
+
+    def _cached_or_computed(self, item_transformed):
         if self.cache_dir is None:
             return super()._cachecheck(item_transformed)
         hashfile = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
