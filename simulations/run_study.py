@@ -1,7 +1,7 @@
 """One command per benchmark study: ``python simulations/run_study.py <study> [--config cpu|paper] [--seeds N]
 [--out results/studies]``; the same as ``fedtextseg study ...`` (studies are defined in ``configs/study/``).
 
-    python simulations/run_study.py main                  # every method, 3 seeds, CPU-sized (~35 min, 2 cores)
+    python simulations/run_study.py main                  # every method, 2 seeds, the demo's budget (~70 min, 2 cores)
     python simulations/run_study.py privacy               # Dice vs epsilon
     python simulations/run_study.py scaling               # 2, 4, 8, 16 sites vs Dice, time per round, memory
     python simulations/run_study.py communication         # bytes per round per site per method

@@ -212,3 +212,46 @@ def test_site_runner_counts_a_naive_site_for_its_whole_label_space(tiny_study):
     assert [VOCAB.class_names[i] for i in mask.nonzero()[0]] == ["spleen", "liver"]
     masked = SiteRunner(compose_config("demo", overrides), root / "data" / "site02-lits", model)
     assert [VOCAB.class_names[i] for i in masked.trained_classes_mask().nonzero()[0]] == ["liver", "liver tumor"]
+
+
+@pytest.mark.slow
+def test_parallel_runs_write_the_same_records_as_one_at_a_time(tiny_study, tmp_path):
+    """--jobs 2: two arm runs in their own processes; their records and the table are those of a serial run."""
+    from fedtextseg.studies.runner import run_study
+
+    _, path = tiny_study
+    folder = run_study(str(path), out=tmp_path / "par", arms=["fedtextseg", "centralized"], jobs=2,
+                       log_fn=lambda *_: None)
+    info = json.loads((folder / "study.json").read_text())
+    assert info["parallel_jobs"] == 2
+    serial = run_study(str(path), out=tmp_path / "ser", arms=["fedtextseg", "centralized"], jobs=1,
+                       log_fn=lambda *_: None)
+    for arm in ("fedtextseg", "centralized"):
+        a = json.loads((folder / "runs" / arm / "seed0" / "result.json").read_text())
+        b = json.loads((serial / "runs" / arm / "seed0" / "result.json").read_text())
+        flat_a, flat_b = (dict(_flat_numbers({k: r[k] for k in ("site_dice", "unseen_dice")})) for r in (a, b))
+        assert flat_a.keys() == flat_b.keys() and len(flat_a) > 2, arm  # same seed, same training, same Dice
+        assert list(flat_a.values()) == pytest.approx([flat_b[k] for k in flat_a], abs=1e-4), arm
+    with (folder / "table.csv").open() as fh:
+        assert [r["arm"] for r in csv.DictReader(fh)] == ["fedtextseg", "centralized"]
+
+
+def _flat_numbers(tree, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat_numbers(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def test_parallel_jobs_auto_is_one_per_core_on_a_cpu_and_a_bad_count_is_refused(monkeypatch):
+    from fedtextseg.errors import ConfigError
+    from fedtextseg.studies.runner import resolve_jobs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    assert resolve_jobs("auto") == 6 and resolve_jobs(3) == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_jobs("auto") == 1
+    with pytest.raises(ConfigError, match="--jobs"):
+        resolve_jobs(0)

@@ -4,6 +4,7 @@
     fedtextseg study privacy --config paper       # the GPU-sized budget
     fedtextseg study main --seeds 1 --rounds 1 --local-steps 2 --arms fedtextseg,naive   # a smoke run
     fedtextseg study main --report-only           # redo table + plots from the runs already on disk
+    fedtextseg study main --jobs 1                # one run at a time (default: one per core on a CPU)
 
 Arm kinds: ``federated`` (:func:`fedtextseg.federation.inprocess.run_federation_inprocess`: the Coordinator and
 SiteRunner rounds of the Flower apps, in one process), ``centralized``
@@ -30,11 +31,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from fedtextseg.errors import ConfigError
+from fedtextseg.errors import ConfigError, FedTextSegError
 from fedtextseg.studies.collect import summarise_run
 from fedtextseg.studies.spec import ArmSpec, StudySpec, arm_overrides, list_studies, load_study
 
-__all__ = ["run_study", "run_arm_seed", "machine_info", "PeakMemory", "study_main"]
+__all__ = ["run_study", "run_arm_seed", "resolve_jobs", "machine_info", "PeakMemory", "study_main"]
 
 
 def machine_info() -> dict[str, Any]:
@@ -152,8 +153,12 @@ def _load_records(out: Path, arms: Sequence[ArmSpec], seeds: Sequence[int]) -> l
 
 def run_study(name: str, *, size: str = "cpu", seeds: int | None = None, out: str | Path = "results/studies",
               arms: Sequence[str] | None = None, extra: Sequence[str] = (), reuse: bool = False,
-              report_only: bool = False, command: str | None = None, log_fn=print) -> Path:
-    """Run (or, ``report_only``, only re-report) a study; returns its output folder."""
+              report_only: bool = False, command: str | None = None, jobs: int | str = 1,
+              log_fn=print) -> Path:
+    """Run (or, ``report_only``, only re-report) a study; returns its output folder.
+
+    ``jobs`` > 1 (or ``"auto"``: :func:`resolve_jobs`) trains that many arm x seed runs at once, each in its own
+    process with ``cores // jobs`` torch threads; the data every arm needs is generated once beforehand."""
     from fedtextseg.studies.report import write_study_outputs
 
     spec = load_study(name)
@@ -166,13 +171,21 @@ def run_study(name: str, *, size: str = "cpu", seeds: int | None = None, out: st
     folder = Path(out).expanduser().resolve() / spec.name
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    jobs_used = 0
     if not report_only:
+        todo = []
         for arm in chosen:
             for seed in seed_list:
                 done = folder / "runs" / arm.name / f"seed{seed}" / "result.json"
                 if reuse and done.is_file():
                     log_fn(f"[{spec.name}/{arm.name} seed {seed}] reusing {done}")
                     continue
+                todo.append((arm, seed))
+        jobs_used = min(resolve_jobs(jobs), len(todo)) if todo else 0
+        if jobs_used > 1:
+            _run_in_processes(name, spec, todo, size, folder, extra, jobs_used, log_fn)
+        else:
+            for arm, seed in todo:
                 run_arm_seed(spec, arm, size, seed, folder, extra, log_fn=log_fn)
     records = _load_records(folder, chosen, seed_list)
     if not records:
@@ -181,11 +194,75 @@ def run_study(name: str, *, size: str = "cpu", seeds: int | None = None, out: st
             "arms": [a.name for a in chosen], "extra_overrides": list(extra), "budget": budget,
             "command": command or f"fedtextseg study {spec.name} --config {size}",
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_info(),
-            "elapsed_s": None if report_only else time.perf_counter() - start}
+            "elapsed_s": None if report_only else time.perf_counter() - start,
+            "parallel_jobs": jobs_used or None}
     (folder / "study.json").write_text(json.dumps(info, indent=2, default=_json_default))
     write_study_outputs(spec, chosen, records, info, folder)
     log_fn(f"study {spec.name}: wrote {folder / 'table.md'} ({len(records)} runs)")
     return folder
+
+
+def resolve_jobs(jobs: int | str) -> int:
+    """How many runs to train at once: ``"auto"`` is one per CPU core on a CPU-only machine (small 3D networks
+    use one core better than two threads of one run) and one on a GPU machine (the runs would share one GPU)."""
+    if str(jobs) == "auto":
+        import torch
+
+        return 1 if torch.cuda.is_available() else max(1, os.cpu_count() or 1)
+    if int(jobs) < 1:
+        raise ConfigError(f"--jobs must be at least 1 or 'auto', got {jobs!r}")
+    return int(jobs)
+
+
+def _prepare_data(spec: StudySpec, arms: Sequence[ArmSpec], size: str, out: Path, extra: Sequence[str],
+                  log_fn) -> None:
+    """Generate every data root the arms use, once, before parallel runs start (two processes generating the
+    same synthetic hospitals at once would collide)."""
+    from fedtextseg.config import compose_config
+    from fedtextseg.sites import data_root, ensure_data
+
+    seen = set()
+    for arm in arms:
+        cfg = compose_config(spec.experiment, arm_overrides(spec, arm, size, 0, out / "prepare", extra))
+        if data_root(cfg) not in seen:
+            seen.add(data_root(cfg))
+            ensure_data(cfg, log_fn=log_fn)
+
+
+def _run_in_process(study: str, arm_name: str, size: str, seed: int, out: str, extra: list[str],
+                    threads: int) -> str:
+    """One arm x seed in a worker process (spawned: a fresh interpreter, its own torch threads)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    spec = load_study(study)
+    run_arm_seed(spec, spec.arm(arm_name), size, seed, Path(out), extra,
+                 log_fn=lambda *parts: print(*parts, flush=True) if str(parts[0]).startswith(f"[{spec.name}/")
+                 else None)
+    return f"{arm_name} seed {seed}"
+
+
+def _run_in_processes(study: str, spec: StudySpec, todo: Sequence[tuple[ArmSpec, int]], size: str, out: Path,
+                      extra: Sequence[str], jobs: int, log_fn) -> None:
+    """Train ``todo`` with ``jobs`` worker processes; every run that can finish does, then failures are raised."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    _prepare_data(spec, [arm for arm, _ in todo], size, out, extra, log_fn)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log_fn(f"study {spec.name}: {len(todo)} runs, {jobs} at a time, {threads} torch thread(s) each")
+    failed = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_in_process, study, arm.name, size, seed, str(out), list(extra), threads):
+                   (arm.name, seed) for arm, seed in todo}
+        for future in as_completed(futures):
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - the other runs go on; every failure is reported at the end
+                failed.append(f"{futures[future][0]} seed {futures[future][1]}: {type(exc).__name__}: {exc}")
+                log_fn(f"[{spec.name}/{futures[future][0]} seed {futures[future][1]}] failed: {exc}")
+    if failed:
+        raise FedTextSegError(f"study {spec.name}: {len(failed)} of {len(todo)} runs failed: " + "; ".join(failed))
 
 
 def study_main(argv: list[str] | None = None) -> int:
@@ -198,6 +275,8 @@ def study_main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="override federation.rounds (smoke runs)")
     p.add_argument("--local-steps", type=int, default=None, help="override train.local_steps (smoke runs)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--jobs", default="auto",
+                   help="runs trained at once, each its own process (default auto: one per core on a CPU, 1 on a GPU)")
     p.add_argument("--reuse", action="store_true", help="keep finished runs (result.json) instead of rerunning")
     p.add_argument("--report-only", action="store_true", help="only rebuild table and plots from finished runs")
     p.add_argument("--quiet", action="store_true", help="only one line per finished run")
@@ -222,7 +301,7 @@ def study_main(argv: list[str] | None = None) -> int:
             print(text, flush=True)
 
     folder = run_study(args.study, size=args.config, seeds=args.seeds, out=args.out, arms=arms, extra=extra,
-                       reuse=args.reuse, report_only=args.report_only,
+                       reuse=args.reuse, report_only=args.report_only, jobs=args.jobs,
                        command=" ".join(["fedtextseg study", *(argv if argv is not None else sys.argv[1:])]),
                        log_fn=log_fn)
     print((folder / "table.md").read_text())
