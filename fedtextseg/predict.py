@@ -2,6 +2,7 @@
 
     fedtextseg predict -m results/run/model.pt -i ct.nii.gz -o out/ --classes liver spleen "left kidney"
     fedtextseg predict -m model.pt -i scans/ -o out/ --multilabel          # every class the federation trained
+    fedtextseg predict -m tgcnet.pt -i cxr.png --report "..." -o out/      # 2D models: fedtextseg.predict_xray
 
 Class names go through the model's vocabulary (synonyms such as "IVC", composites such as "kidneys"); the default
 is every class some training site annotated (``annotated_by`` of the model file). Each volume is preprocessed
@@ -335,6 +336,10 @@ def predict_batch(predictor: Predictor, inputs: Iterable[str | Path], out_dir: s
             fail(path, f"{path}: same case name {case!r} as {seen[case]}; rename one")
             continue
         seen[case] = path
+        if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+            fail(path, f"{path}: a 2D image, but this model ({predictor.info.get('model_name')}) segments 3D NIfTI "
+                       "volumes (.nii/.nii.gz)")
+            continue
         log_fn(f"[{n}/{len(files)}] {path.name}: {', '.join(predictor.classes)}")
         try:
             pred = predictor.predict_file(path, case, multilabel=multilabel)
@@ -359,7 +364,8 @@ def predict_batch(predictor: Predictor, inputs: Iterable[str | Path], out_dir: s
 def predict_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedtextseg predict", description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", required=True, help="trained model file (results/<run>/model.pt)")
-    p.add_argument("-i", "--input", nargs="+", help="NIfTI volume(s) and/or folder(s) of them")
+    p.add_argument("-i", "--input", nargs="+",
+                   help="NIfTI volume(s) and/or folder(s) of them (2D models: PNG/JPEG images or folders)")
     p.add_argument("-o", "--out", help="output folder")
     p.add_argument("--classes", nargs="+", default=None,
                    help="class names, synonyms or groups (default: every class the federation was trained on)")
@@ -373,6 +379,11 @@ def predict_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="sliding-window progress bar (default: when stderr is a terminal)")
+    p.add_argument("--report", default=None,
+                   help="2D models: the report conditioning every input image (\"\": none, the task prompt)")
+    p.add_argument("--reports", default=None,
+                   help="2D models: CSV with columns image,caption giving each input image its own report")
+    p.add_argument("--probabilities", action="store_true", help="2D models: also write probability PNGs")
     p.add_argument("--list-classes", action="store_true", help="print the model's classes and exit")
     args = p.parse_args(argv)
     if not args.list_classes and not (args.input and args.out):
@@ -388,6 +399,11 @@ def predict_main(argv: list[str] | None = None) -> int:
         print("\n".join(c + (f"  (annotated by {', '.join(trained[c])})" if c in trained else "")
                         for c in info["class_names"]))
         return 0
+    if get_vocabulary(info.get("vocabulary")).spatial_dims == 2:
+        return _predict_xray_main(p, args, model, info)
+    if args.report is not None or args.reports or args.probabilities:
+        p.error(f"--report, --reports and --probabilities are for 2D report-guided models; {info['model_name']} "
+                "segments 3D volumes")
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     predictor = Predictor(model, info, classes=args.classes, task=args.task, threshold=args.threshold,
                           overlap=args.overlap, keep_largest=args.keep_largest, device=args.device, progress=progress)
@@ -400,5 +416,30 @@ def predict_main(argv: list[str] | None = None) -> int:
                            multilabel=args.multilabel, log_fn=lambda m: print(m, file=sys.stderr))
     total = len(result.cases) + len(result.failed)
     print(f"fedtextseg predict: {len(result.cases)} of {total} inputs segmented -> {args.out}"
+          + (f"; {len(result.failed)} failed" if result.failed else ""), file=sys.stderr)
+    return result.exit_code
+
+
+def _predict_xray_main(p: argparse.ArgumentParser, args: argparse.Namespace, model, info) -> int:
+    """The 2D half of ``predict_main``: a TGC-Net model file, X-ray images and their reports."""
+    from fedtextseg.predict_xray import XrayPredictor, predict_xray_batch, read_reports
+
+    if args.report is not None and args.reports:
+        p.error("give one report for every image (--report) or a CSV of reports (--reports), not both")
+    if args.multilabel or args.no_per_class:
+        p.error("--multilabel/--no-per-class are for 3D models; a 2D model writes one mask PNG per class")
+    reports = read_reports(args.reports) if args.reports else None
+    predictor = XrayPredictor(model, info, classes=args.classes, task=args.task, threshold=args.threshold,
+                              keep_largest=args.keep_largest, device=args.device)
+    if args.report is None and reports is None and predictor.with_text:
+        print("fedtextseg predict: warning: no --report or --reports given: every image is conditioned on the task "
+              f"prompt of {predictor.task!r}, not on its report", file=sys.stderr)
+    print(f"model {info['model_name']} on {predictor.device}, task {predictor.task}, threshold {predictor.threshold}, "
+          f"input {predictor.size}x{predictor.size}, {len(predictor.classes)} classes", file=sys.stderr)
+    result = predict_xray_batch(predictor, args.input, args.out, report=args.report, reports=reports,
+                                reports_name=str(args.reports), probabilities=args.probabilities,
+                                log_fn=lambda m: print(m, file=sys.stderr))
+    total = len(result.cases) + len(result.failed)
+    print(f"fedtextseg predict: {len(result.cases)} of {total} images segmented -> {args.out}"
           + (f"; {len(result.failed)} failed" if result.failed else ""), file=sys.stderr)
     return result.exit_code

@@ -173,3 +173,16 @@ def test_cli_batch_real_model_with_bad_inputs(tmp_path, capsys):
     assert cli_main(["predict", "-m", str(tmp_path / "scans" / "good.nii.gz"), "-i", str(inputs), "-o",
                      str(out)]) == 2
     assert "not a fedtextseg model file" in capsys.readouterr().err
+
+
+def test_a_3d_model_refuses_a_png_and_report_options(tmp_path, capsys):
+    from PIL import Image
+
+    model = make_model_file(tmp_path / "ct.pt")
+    image = tmp_path / "cxr.png"
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(image)
+    assert cli_main(["predict", "-m", str(model), "-i", str(image), "-o", str(tmp_path / "out")]) == 1
+    assert f"{image}: a 2D image, but this model (cdpdnet_tiny) segments 3D NIfTI" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["predict", "-m", str(model), "-i", str(image), "-o", str(tmp_path / "out"), "--report", "x"])
+    assert exc.value.code == 2 and "for 2D report-guided models" in capsys.readouterr().err

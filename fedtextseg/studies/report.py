@@ -140,7 +140,9 @@ def write_study_outputs(spec: StudySpec, arms: Sequence[ArmSpec], records: Seque
     if spec.question:
         lines += [spec.question.strip(), ""]
     lines += [f"Ran {info.get('date')} on {machine.get('cpu_model')} ({machine.get('cpus')} cores, "
-              f"{machine.get('torch_threads')} torch threads), device {machine.get('device')}, torch "
+              f"{machine.get('torch_threads')} torch threads"
+              + (f" per run, {info['parallel_jobs']} runs at a time" if (info.get("parallel_jobs") or 1) > 1 else "")
+              + f"), device {machine.get('device')}, torch "
               f"{machine.get('torch')}. Command: `{info.get('command')}`.",
               f"Budget: {first.get('rounds')} rounds x {first.get('local_steps')} local steps per site "
               f"(centralized: the same gradient steps on the pooled data; local only: the same steps per site), "

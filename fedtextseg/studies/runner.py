@@ -171,7 +171,7 @@ def run_study(name: str, *, size: str = "cpu", seeds: int | None = None, out: st
     folder = Path(out).expanduser().resolve() / spec.name
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    jobs_used = 0
+    jobs_used, threads_per_job = 0, None
     if not report_only:
         todo = []
         for arm in chosen:
@@ -183,7 +183,7 @@ def run_study(name: str, *, size: str = "cpu", seeds: int | None = None, out: st
                 todo.append((arm, seed))
         jobs_used = min(resolve_jobs(jobs), len(todo)) if todo else 0
         if jobs_used > 1:
-            _run_in_processes(name, spec, todo, size, folder, extra, jobs_used, log_fn)
+            threads_per_job = _run_in_processes(name, spec, todo, size, folder, extra, jobs_used, log_fn)
         else:
             for arm, seed in todo:
                 run_arm_seed(spec, arm, size, seed, folder, extra, log_fn=log_fn)
@@ -196,6 +196,12 @@ def run_study(name: str, *, size: str = "cpu", seeds: int | None = None, out: st
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_info(),
             "elapsed_s": None if report_only else time.perf_counter() - start,
             "parallel_jobs": jobs_used or None}
+    if threads_per_job is not None:  # the runs' own torch threads, not this parent process's
+        info["machine"]["torch_threads"] = threads_per_job
+    previous = folder / "study.json"
+    if report_only and previous.is_file():  # a rebuilt report keeps when, where and how its runs were made
+        ran = json.loads(previous.read_text())
+        info.update({k: ran[k] for k in ("date", "machine", "command", "elapsed_s", "parallel_jobs") if k in ran})
     (folder / "study.json").write_text(json.dumps(info, indent=2, default=_json_default))
     write_study_outputs(spec, chosen, records, info, folder)
     log_fn(f"study {spec.name}: wrote {folder / 'table.md'} ({len(records)} runs)")
@@ -243,8 +249,9 @@ def _run_in_process(study: str, arm_name: str, size: str, seed: int, out: str, e
 
 
 def _run_in_processes(study: str, spec: StudySpec, todo: Sequence[tuple[ArmSpec, int]], size: str, out: Path,
-                      extra: Sequence[str], jobs: int, log_fn) -> None:
-    """Train ``todo`` with ``jobs`` worker processes; every run that can finish does, then failures are raised."""
+                      extra: Sequence[str], jobs: int, log_fn) -> int:
+    """Train ``todo`` with ``jobs`` worker processes; every run that can finish does, then failures are raised.
+    Returns the torch threads each run had."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -263,6 +270,7 @@ def _run_in_processes(study: str, spec: StudySpec, todo: Sequence[tuple[ArmSpec,
                 log_fn(f"[{spec.name}/{futures[future][0]} seed {futures[future][1]}] failed: {exc}")
     if failed:
         raise FedTextSegError(f"study {spec.name}: {len(failed)} of {len(todo)} runs failed: " + "; ".join(failed))
+    return threads
 
 
 def study_main(argv: list[str] | None = None) -> int:
