@@ -41,7 +41,7 @@ from fedtextseg.errors import ConfigError, FedTextSegError
 from fedtextseg.vocab import Vocabulary, get_vocabulary
 
 __all__ = ["resolve_classes", "inference_site", "Predictor", "CasePrediction", "BatchResult", "collect_inputs",
-           "write_prediction", "write_legend", "predict_batch", "predict_main"]
+           "write_prediction", "write_legend", "unique_cases", "predict_batch", "predict_main"]
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +313,21 @@ class BatchResult:
         return 1 if self.failed else 0
 
 
+def unique_cases(files: Sequence[Path], problems: Mapping[str, str], case_id: Callable[[Path], str],
+                 fail: Callable[[Any, str], None]) -> Iterable[tuple[int, Path, str]]:
+    """``(n, path, case)`` for every input whose case name is new; ``fail`` for the problems and the repeats."""
+    for path, why in problems.items():
+        fail(path, f"{path}: {why}")
+    seen: dict[str, Path] = {}
+    for n, path in enumerate(files, 1):
+        case = case_id(path)
+        if case in seen:
+            fail(path, f"{path}: same case name {case!r} as {seen[case]}; rename one")
+            continue
+        seen[case] = path
+        yield n, path, case
+
+
 def predict_batch(predictor: Predictor, inputs: Iterable[str | Path], out_dir: str | Path, *, per_class: bool = True,
                   multilabel: bool = False, log_fn: Callable[[str], None] = print,
                   err_fn: Callable[[str], None] | None = None) -> BatchResult:
@@ -327,15 +342,7 @@ def predict_batch(predictor: Predictor, inputs: Iterable[str | Path], out_dir: s
         result.failed[str(path)] = msg
         err_fn(f"fedtextseg predict: error: {msg}")
 
-    for path, why in problems.items():
-        fail(path, f"{path}: {why}")
-    seen: dict[str, Path] = {}
-    for n, path in enumerate(files, 1):
-        case = _case_id(path)
-        if case in seen:
-            fail(path, f"{path}: same case name {case!r} as {seen[case]}; rename one")
-            continue
-        seen[case] = path
+    for n, path, case in unique_cases(files, problems, _case_id, fail):
         if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
             fail(path, f"{path}: a 2D image, but this model ({predictor.info.get('model_name')}) segments 3D NIfTI "
                        "volumes (.nii/.nii.gz)")

@@ -222,7 +222,7 @@ def _overlay(pred: XrayPrediction, alpha: float = 0.45) -> np.ndarray:
 def write_xray_prediction(pred: XrayPrediction, out_dir: str | Path, *, probabilities: bool = False,
                           overlay: bool = True) -> list[Path]:
     """Mask PNGs (0/255) per class, probability PNGs on request, and the overlay; returns the files written."""
-    from fedtextseg.predict import _file_stem
+    from fedtextseg.predict import _file_stem  # one naming rule for both model families
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,6 +258,8 @@ def predict_xray_batch(predictor: XrayPredictor, inputs: Iterable[str | Path], o
 
     ``report`` conditions every image on one text; ``reports`` (from :func:`read_reports`) gives each its own.
     With neither, every image is conditioned on the task prompt."""
+    from fedtextseg.predict import unique_cases
+
     err_fn = err_fn or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,15 +270,7 @@ def predict_xray_batch(predictor: XrayPredictor, inputs: Iterable[str | Path], o
         result.failed[str(path)] = msg
         err_fn(f"fedtextseg predict: error: {msg}")
 
-    for path, why in problems.items():
-        fail(path, f"{path}: {why}")
-    seen: dict[str, Path] = {}
-    for n, path in enumerate(files, 1):
-        case = _case_id(path)
-        if case in seen:
-            fail(path, f"{path}: same case name {case!r} as {seen[case]}; rename one")
-            continue
-        seen[case] = path
+    for n, path, case in unique_cases(files, problems, _case_id, fail):
         text = report
         if reports is not None:
             text = reports.get(str(path.resolve()), reports.get(path.name))
