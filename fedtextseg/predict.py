@@ -301,16 +301,37 @@ def write_legend(predictor: Predictor, out_dir: str | Path) -> list[Path]:
 
 @dataclass
 class BatchResult:
-    """What a batch did: written files, volume rows, and failures by input path."""
+    """What a batch did: written files, its CSV's rows (volumes for 3D, predictions for 2D), failures by input."""
 
     written: list[Path] = field(default_factory=list)
-    volumes: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     cases: list[str] = field(default_factory=list)
+    err_fn: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr), repr=False)
 
     @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
+
+    def fail(self, path: Any, msg: str) -> None:
+        self.failed[str(path)] = msg
+        self.err_fn(f"fedtextseg predict: error: {msg}")
+
+    def fail_with(self, path: Path, exc: Exception) -> None:
+        """This input's failure, its message naming the file (the error's own where it already does)."""
+        if isinstance(exc, FedTextSegError):
+            self.fail(path, str(exc) if str(path) in str(exc) else f"{path}: {exc}")
+        else:
+            self.fail(path, f"{path}: cannot segment ({type(exc).__name__}: {(str(exc) or '?').splitlines()[0]})")
+
+    def write_rows(self, path: Path, fieldnames: Sequence[str]) -> None:
+        """The batch's CSV (nothing when no input was segmented)."""
+        if self.rows:
+            with open(path, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(fieldnames))
+                writer.writeheader()
+                writer.writerows(self.rows)
+            self.written.append(path)
 
 
 def unique_cases(files: Sequence[Path], problems: Mapping[str, str], case_id: Callable[[Path], str],
@@ -332,39 +353,26 @@ def predict_batch(predictor: Predictor, inputs: Iterable[str | Path], out_dir: s
                   multilabel: bool = False, log_fn: Callable[[str], None] = print,
                   err_fn: Callable[[str], None] | None = None) -> BatchResult:
     """Segment every input file (a failure is reported and skipped); writes masks and ``volumes.csv``."""
-    err_fn = err_fn or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files, problems = collect_inputs(inputs)
-    result = BatchResult()
-
-    def fail(path: Any, msg: str) -> None:
-        result.failed[str(path)] = msg
-        err_fn(f"fedtextseg predict: error: {msg}")
-
-    for n, path, case in unique_cases(files, problems, _case_id, fail):
+    result = BatchResult(err_fn=err_fn) if err_fn else BatchResult()
+    for n, path, case in unique_cases(files, problems, _case_id, result.fail):
         if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
-            fail(path, f"{path}: a 2D image, but this model ({predictor.info.get('model_name')}) segments 3D NIfTI "
+            result.fail(path, f"{path}: a 2D image, but this model ({predictor.info.get('model_name')}) segments 3D NIfTI "
                        "volumes (.nii/.nii.gz)")
             continue
         log_fn(f"[{n}/{len(files)}] {path.name}: {', '.join(predictor.classes)}")
         try:
             pred = predictor.predict_file(path, case, multilabel=multilabel)
             result.written += write_prediction(pred, out, per_class=per_class)
-            result.volumes += pred.volumes()
+            result.rows += pred.volumes()
             result.cases.append(case)
-        except FedTextSegError as exc:
-            fail(path, str(exc) if str(path) in str(exc) else f"{path}: {exc}")
-        except (RuntimeError, ValueError, OSError, MemoryError) as exc:  # anything else: this input only
-            fail(path, f"{path}: cannot segment ({type(exc).__name__}: {(str(exc) or '?').splitlines()[0]})")
+        except (FedTextSegError, RuntimeError, ValueError, OSError, MemoryError) as exc:  # this input only
+            result.fail_with(path, exc)
     if multilabel and result.cases:
         result.written += write_legend(predictor, out)
-    if result.volumes:
-        with open(out / "volumes.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["case", "class", "value", "voxels", "volume_ml"])
-            writer.writeheader()
-            writer.writerows(result.volumes)
-        result.written.append(out / "volumes.csv")
+    result.write_rows(out / "volumes.csv", ["case", "class", "value", "voxels", "volume_ml"])
     return result
 
 

@@ -20,8 +20,7 @@ Colour images are converted to grey and 16-bit images scaled by 65535, each with
 from __future__ import annotations
 
 import csv
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -69,6 +68,8 @@ class XrayPrediction:
     masks: np.ndarray  # uint8 0/1 [K, H, W]
     text: str  # "report", "task prompt (no report)" or "none (image-only model)"
     note: str = ""
+
+    ROW_FIELDS = ("case", "image", "class", "pixels", "fraction", "text", "note")
 
     def rows(self) -> list[dict[str, Any]]:
         total = self.masks[0].size
@@ -237,64 +238,38 @@ def write_xray_prediction(pred: XrayPrediction, out_dir: str | Path, *, probabil
     return written
 
 
-@dataclass
-class XrayBatchResult:
-    written: list[Path] = field(default_factory=list)
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    cases: list[str] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed else 0
-
-
 def predict_xray_batch(predictor: XrayPredictor, inputs: Iterable[str | Path], out_dir: str | Path, *,
                        report: str | None = None, reports: Mapping[str, str] | None = None,
                        reports_name: str = "the reports CSV", probabilities: bool = False,
                        log_fn: Callable[[str], None] = print,
-                       err_fn: Callable[[str], None] | None = None) -> XrayBatchResult:
+                       err_fn: Callable[[str], None] | None = None) -> BatchResult:
     """Segment every input image (a failure is reported and skipped); writes PNGs and ``predictions.csv``.
 
     ``report`` conditions every image on one text; ``reports`` (from :func:`read_reports`) gives each its own.
     With neither, every image is conditioned on the task prompt."""
-    from fedtextseg.predict import unique_cases
+    from fedtextseg.predict import BatchResult, unique_cases
 
-    err_fn = err_fn or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files, problems = collect_images(inputs)
-    result = XrayBatchResult()
-
-    def fail(path: Any, msg: str) -> None:
-        result.failed[str(path)] = msg
-        err_fn(f"fedtextseg predict: error: {msg}")
-
-    for n, path, case in unique_cases(files, problems, _case_id, fail):
+    result = BatchResult(err_fn=err_fn) if err_fn else BatchResult()
+    for n, path, case in unique_cases(files, problems, _case_id, result.fail):
         text = report
         if reports is not None:
             text = reports.get(str(path.resolve()), reports.get(path.name))
             if text is None:
-                fail(path, f"{path}: no row for this image in {reports_name} (column image); add one (an empty "
+                result.fail(path, f"{path}: no row for this image in {reports_name} (column image); add one (an empty "
                            "caption segments it with the task prompt)")
                 continue
         try:
             pred = predictor.predict_file(path, text, case)
-        except FedTextSegError as exc:
-            fail(path, str(exc) if str(path) in str(exc) else f"{path}: {exc}")
-            continue
-        except (RuntimeError, ValueError, OSError, MemoryError) as exc:
-            fail(path, f"{path}: cannot segment ({type(exc).__name__}: {(str(exc) or '?').splitlines()[0]})")
+        except (FedTextSegError, RuntimeError, ValueError, OSError, MemoryError) as exc:  # this input only
+            result.fail_with(path, exc)
             continue
         log_fn(f"[{n}/{len(files)}] {path.name}: {', '.join(predictor.classes)} (text: {pred.text})"
                + (f"; note: {pred.note}" if pred.note else ""))
         result.written += write_xray_prediction(pred, out, probabilities=probabilities)
         result.rows += pred.rows()
         result.cases.append(case)
-    if result.rows:
-        with open(out / "predictions.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(result.rows[0]))
-            writer.writeheader()
-            writer.writerows(result.rows)
-        result.written.append(out / "predictions.csv")
+    result.write_rows(out / "predictions.csv", list(XrayPrediction.ROW_FIELDS))
     return result
