@@ -157,6 +157,15 @@ class TrainStats:
         return {"train_loss": self.loss, "train_steps": float(self.steps), "train_seconds": self.seconds}
 
 
+def _unknown_voxels(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"known": mask}`` when some voxels' labels are unknown (a site's ignored label values), else ``{}`` (the
+    losses and metrics then run exactly as without the mask)."""
+    known = batch.get("known")
+    if known is None or bool(torch.as_tensor(known).all()):
+        return {}
+    return {"known": known}
+
+
 def _cycle(loader: Iterable) -> Iterator:
     while True:
         empty = True
@@ -211,14 +220,15 @@ def train_steps(
         with autocast(device, precision):
             out = model.forward_batch(batch)
             logits = out["logits"].float()  # the loss's sums over whole patches stay in float32 under bf16 autocast
-            loss = loss_fn(logits, batch["label"], batch["annotated"])
+            unknown = _unknown_voxels(batch)
+            loss = loss_fn(logits, batch["label"], batch["annotated"], **unknown)
             if out.get("aux_loss") is not None:
                 loss = loss + out["aux_loss"]
             if teacher is not None and distill_fn is not None and distill_weight > 0:
                 with torch.no_grad():
                     teacher_logits = teacher.forward_batch(batch)["logits"]
                 loss = loss + distill_weight * distill_fn(
-                    logits, teacher_logits.float(), batch["label"], batch["annotated"]
+                    logits, teacher_logits.float(), batch["label"], batch["annotated"], **unknown
                 )
         if ref is not None:
             loss = loss + 0.5 * prox_mu * _proximal_term(model, ref)
@@ -337,7 +347,11 @@ def evaluate(
             masks = postprocess(softmax_space.decide(logits).float(), 0.5, keep)
         else:
             masks = postprocess(torch.sigmoid(logits), threshold, keep)
-        acc.add_case(masks, torch.as_tensor(item["label"]) > 0.5, item["annotated"], _spacing_of(item))
+        truth = torch.as_tensor(item["label"]) > 0.5
+        if _unknown_voxels(item):  # ignored label values: neither right nor wrong, left out of every class
+            known = torch.as_tensor(item["known"]).as_subclass(torch.Tensor).cpu() > 0
+            masks, truth = masks.cpu().bool() & known, truth.cpu() & known
+        acc.add_case(masks, truth, item["annotated"], _spacing_of(item))
     summary = acc.summary()
     for values in summary.values():
         for k, v in values.items():

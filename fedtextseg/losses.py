@@ -93,16 +93,25 @@ class PartialLabelLoss(nn.Module):
         self.batch_dice = batch_dice
         self.register_buffer("overlaps", overlaps if overlaps is not None else torch.zeros(0, 0, dtype=torch.bool))
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor,
+                known: torch.Tensor | None = None) -> torch.Tensor:
+        """``known`` (optional, [B, 1, *spatial]): 0 at voxels whose label is unknown (an ignored label value);
+        they are left out of every channel's BCE and Dice."""
         logits = _flat(logits.float())
         target = _flat(target.float())
         mask = annotated.to(logits.dtype)  # [B, C]
         n_annotated = mask.sum().clamp_min(1.0)
 
-        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)  # [B, C]
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")  # [B, C, N]
+        prob = torch.sigmoid(logits)
+        if known is None:
+            bce = bce.mean(-1)  # [B, C]
+        else:
+            weight = _flat(known.float())  # [B, 1, N]
+            bce = (bce * weight).sum(-1) / weight.sum(-1).clamp_min(1.0)
+            prob, target = prob * weight, target * weight
         # where() rather than multiplication: unannotated channels contribute exactly zero, even if non-finite
         bce = torch.where(mask > 0, bce, torch.zeros_like(bce))
-        prob = torch.sigmoid(logits)
         inter = (prob * target).sum(-1)
         denom = prob.sum(-1) + target.sum(-1)
         if self.batch_dice:
@@ -122,7 +131,8 @@ class PartialLabelLoss(nn.Module):
         return loss
 
     def _exclusion(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """BCE towards 0 on unannotated channels at voxels labeled as an annotated class they cannot overlap."""
+        """BCE towards 0 on unannotated channels at voxels labeled as an annotated class they cannot overlap
+        (``target`` is 0 at unknown voxels, so they are never such negatives)."""
         exclusive = (~self.overlaps).to(logits.dtype)  # [C, C]: 1 where classes are mutually exclusive
         known_fg = target * mask.unsqueeze(-1)  # [B, C, N] annotated foreground
         # for unannotated channel u: voxels where some annotated class a with exclusive[u, a] is foreground
@@ -142,13 +152,16 @@ class ConditionalDistillation(nn.Module):
         self.temperature = temperature
 
     def forward(
-        self, logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor
+        self, logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor,
+        known: torch.Tensor | None = None,
     ) -> torch.Tensor:
         t = self.temperature
         logits, teacher_logits, target = _flat(logits.float()), _flat(teacher_logits.float()), _flat(target.float())
         unannotated = (1.0 - annotated.to(logits.dtype)).unsqueeze(-1)  # [B, C, 1]
         local_fg = (target * annotated.to(logits.dtype).unsqueeze(-1)).amax(1, keepdim=True)  # [B, 1, N]
         weight = unannotated * (1.0 - local_fg)
+        if known is not None:  # an ignored label value may be local foreground of a class outside the vocabulary
+            weight = weight * _flat(known.float())
         if weight.sum() == 0:
             return logits.sum() * 0.0
         soft = torch.sigmoid(teacher_logits.detach() / t)
@@ -224,12 +237,19 @@ class NaiveSoftmaxLoss(nn.Module):
         self.ce_weight = ce_weight
         self.smooth = smooth
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor,
+                known: torch.Tensor | None = None) -> torch.Tensor:
         full = self.space.full_logits(_flat(logits.float()))  # [B, 1 + K, N]
         index = self.space.target_index(_flat(target.float()), annotated)  # [B, N]
-        ce = F.cross_entropy(full, index)
         prob = torch.softmax(full, dim=1)[:, 1:]  # foreground classes
         onehot = F.one_hot(index, full.shape[1]).permute(0, 2, 1)[:, 1:].to(prob.dtype)
+        if known is None:
+            ce = F.cross_entropy(full, index)
+        else:  # unknown voxels (ignored label values): no cross-entropy, no Dice
+            weight = _flat(known.float())[:, 0]  # [B, N]
+            ce = F.cross_entropy(full, torch.where(weight > 0, index, torch.full_like(index, -100)))
+            ce = torch.nan_to_num(ce)  # every voxel unknown: nothing to learn from this batch
+            prob, onehot = prob * weight[:, None], onehot * weight[:, None]
         inter = (prob * onehot).sum((0, 2))
         denom = prob.sum((0, 2)) + onehot.sum((0, 2))
         dice = 1.0 - (2.0 * inter + self.smooth) / (denom + self.smooth)  # one per class, over the batch

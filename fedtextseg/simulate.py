@@ -4,14 +4,22 @@ It composes the experiment's config, generates the synthetic hospitals if absent
 ``$FLWR_HOME/config.toml`` has the local simulation SuperLink (so a new user never edits it), runs
 ``flwr run <project> local --stream`` with one simulated SuperNode per site, and stops the background SuperLink
 that ``flwr run`` leaves behind. The Flower command it runs is printed first, so researchers can run it by hand.
+
+Runs side by side: each run's local SuperLink listens on two free ports of its own (Flower reads them from
+``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` / ``FLWR_LOCAL_CONTROL_API_PORT``), so a second run never joins the first
+one's SuperLink; the ports and the SuperLink's process id go to the log and to ``<run>/superlink.json``, and the
+clean-up ends only the SuperLink on this run's port. Ports the user fixed in those variables are refused in one line
+naming the process that holds them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,9 +30,12 @@ from fedtextseg.config import compose_config, configs_dir, list_experiments
 from fedtextseg.errors import ConfigError
 from fedtextseg.sites import data_root, ensure_data
 
-__all__ = ["simulate_main", "ensure_flower_config", "flower_home", "stop_local_superlink", "flwr_run_command"]
+__all__ = ["simulate_main", "ensure_flower_config", "flower_home", "stop_local_superlink", "flwr_run_command",
+           "local_superlink_ports", "PORT_ENV"]
 
 LOCAL_FEDERATION = '[superlink.local]\naddress = ":local:"\n'
+# where `flwr run` puts the local SuperLink it starts for `address = ":local:"` (Flower's defaults: 39091, 39093)
+PORT_ENV = ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT")
 
 
 def flower_home() -> Path:
@@ -45,17 +56,85 @@ def ensure_flower_config(home: Path | None = None) -> Path:
     return path
 
 
-def stop_local_superlink(home: Path | None = None) -> list[int]:
-    """Stop the SuperLink (and its SuperExec) that ``flwr run`` started for this ``FLWR_HOME``."""
-    home = str((home or flower_home()).resolve())
-    stopped = []
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports on 127.0.0.1 that nothing listens on now (the OS picks them)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _superlinks(port: int | None = None, home: Path | None = None) -> list[tuple[int, str]]:
+    """(pid, command line) of the flower-superlink processes on ``port`` and/or of ``home`` (None: any)."""
+    home_text = str(home.resolve()) if home is not None else None
+    found = []
     for pid_text, args in _processes():
-        if "flower-superlink" in args and home in args:
-            try:
-                os.kill(int(pid_text), signal.SIGTERM)
-                stopped.append(int(pid_text))
-            except (ProcessLookupError, ValueError, PermissionError):
-                pass
+        words = args.split()
+        if not words or not any(w.endswith("flower-superlink") for w in words):
+            continue
+        if port is not None and f"--port {port} " not in f"{args} ":
+            continue
+        if home_text is not None and home_text not in args:
+            continue
+        try:
+            found.append((int(pid_text), args))
+        except ValueError:
+            continue
+    return found
+
+
+def local_superlink_ports(env: dict | None = None) -> tuple[int, int]:
+    """(HTTP API port, control API port) for this run's local SuperLink.
+
+    The ports the user fixed in :data:`PORT_ENV` are kept unless something listens there already (then a
+    ConfigError names the SuperLink process and its FLWR_HOME, or says the port is taken); otherwise two free ports.
+    """
+    env = os.environ if env is None else env
+    fixed = env.get(PORT_ENV[0])
+    if not fixed:
+        http, control = _free_ports(2)
+        return http, control
+    try:
+        http = int(fixed)
+        control = int(env.get(PORT_ENV[1]) or _free_ports(1)[0])
+    except ValueError:
+        raise ConfigError(f"{PORT_ENV[0]}/{PORT_ENV[1]} must be port numbers, got {fixed!r}, "
+                          f"{env.get(PORT_ENV[1])!r}") from None
+    for name, port in zip(PORT_ENV, (http, control)):
+        if _port_taken(port):
+            holders = _superlinks(port=http)
+            who = (f"the SuperLink of process {holders[0][0]} ({holders[0][1][:200]})" if holders
+                   else "another program")
+            raise ConfigError(f"port {port} ({name}) is taken by {who}: another run is using it; unset "
+                              f"{PORT_ENV[0]} and {PORT_ENV[1]} to give this run free ports of its own")
+    return http, control
+
+
+def stop_local_superlink(home: Path | None = None, port: int | None = None) -> list[int]:
+    """Stop the SuperLink that ``flwr run`` started for this ``FLWR_HOME`` (and, given ``port``, on that port only:
+    another run's SuperLink under the same FLWR_HOME is left alone); returns the process ids it stopped."""
+    stopped = []
+    for pid, _ in _superlinks(port=port, home=home or flower_home()):
+        try:
+            os.kill(pid, signal.SIGTERM)
+            stopped.append(pid)
+        except (ProcessLookupError, PermissionError):
+            pass
     deadline = time.time() + 10.0
     for pid in stopped:  # a busy SuperLink may ignore SIGTERM for a while: end it for sure
         while time.time() < deadline and _alive(pid):
@@ -140,9 +219,13 @@ def simulate_main(argv: list[str] | None = None) -> int:
                   "data-root": str(data_root(cfg)),
                   "results-dir": str(Path(cfg.run.results_dir).expanduser().resolve()), "resume": args.resume}
     ensure_flower_config()
+    http_port, control_port = local_superlink_ports()
     cmd = flwr_run_command(project, len(sites), run_config, args.cpus_per_site)
     print("fedtextseg simulate:", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    print(f"fedtextseg simulate: this run's local SuperLink: 127.0.0.1:{http_port} (control API {control_port}), "
+          f"FLWR_HOME {flower_home()}", flush=True)
     env = dict(os.environ)
+    env[PORT_ENV[0]], env[PORT_ENV[1]] = str(http_port), str(control_port)
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     # `flwr run` launches flower-superlink by name: this environment's scripts must be on PATH (a virtualenv
     # used as `.venv/bin/fedtextseg` is not activated)
@@ -153,8 +236,12 @@ def simulate_main(argv: list[str] | None = None) -> int:
     try:
         proc = subprocess.run(cmd, cwd=project, env=env)
     finally:
-        stop_local_superlink()
+        stopped = stop_local_superlink(port=http_port)
     run_dir = Path(run_config["results-dir"]) / run_name
+    if run_dir.is_dir():
+        (run_dir / "superlink.json").write_text(json.dumps(
+            {"http_api_port": http_port, "control_api_port": control_port, "flwr_home": str(flower_home()),
+             "stopped_pids": stopped}, indent=2) + "\n")
     summary = run_dir / "summary.txt"
     print(f"\nfedtextseg simulate: {len(sites)} sites, {time.perf_counter() - start:.0f} s wall time", flush=True)
     if proc.returncode != 0 or not summary.is_file():

@@ -331,7 +331,9 @@ class Vocabulary:
 
 
 # ---------------------------------------------------------------------- the built-in abdominal vocabulary
-# (display name, synonyms, parent, side), in channel order: index 0 = class 1 (Spleen) of REFERENCE.md section 2.
+# (display name, synonyms, parent, side), in channel order: index 0 = class 1 (Spleen) of the CLIP-Driven Universal
+# Model's 32 classes. Synonyms cover the names of BTCV, AMOS, FLARE, MSD and TotalSegmentator v2 (kidney_left,
+# inferior_vena_cava, lung_upper_lobe_left, ...: names are normalised first, so "kidney_left" is "left kidney").
 _ABDOMEN_CLASSES: Sequence[tuple[str, tuple[str, ...], str | None, str | None]] = (
     ("Spleen", ("lien",), None, None),
     ("Right Kidney", ("kidney r", "rk"), None, "right"),
@@ -349,8 +351,9 @@ _ABDOMEN_CLASSES: Sequence[tuple[str, tuple[str, ...], str | None, str | None]] 
     ("Left Adrenal Gland", ("adrenal gland left", "left adrenal", "lag"), None, "left"),
     ("Duodenum", (), None, None),
     ("Hepatic Vessel", ("hepatic vessels", "liver vessel", "liver vessels"), None, None),
-    ("Right Lung", ("lung r",), None, "right"),
-    ("Left Lung", ("lung l",), None, "left"),
+    ("Right Lung", ("lung r", "lung upper lobe right", "lung middle lobe right", "lung lower lobe right"), None,
+     "right"),
+    ("Left Lung", ("lung l", "lung upper lobe left", "lung lower lobe left"), None, "left"),
     ("Colon", ("large bowel", "large intestine"), None, None),
     ("Intestine", ("small bowel", "small intestine", "bowel"), None, None),
     ("Rectum", (), None, None),
@@ -366,7 +369,7 @@ _ABDOMEN_CLASSES: Sequence[tuple[str, tuple[str, ...], str | None, str | None]] 
     ("Hepatic Vessel Tumor", ("hepatic vessel tumour", "liver vessel tumor"), "liver", None),
     ("Lung Tumor", ("lung tumour", "lung nodule", "lung cancer"), "lung", None),
     ("Colon Tumor", ("colon tumour", "colon cancer"), "colon", None),
-    ("Kidney Cyst", ("renal cyst",), "kidney", None),
+    ("Kidney Cyst", ("renal cyst", "kidney cyst right", "kidney cyst left"), "kidney", None),
 )
 
 _ABDOMEN_COMPOSITES = {

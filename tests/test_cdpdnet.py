@@ -31,7 +31,7 @@ def tiny(**overrides) -> CDPDNet:
 
 @torch.no_grad()
 def randomize_identity_inits(model: CDPDNet) -> None:
-    """FiLM, TTPG modulation and residual rows start at zero (identity); make them matter for equivalence tests."""
+    """FiLM and TTPG modulation start at zero (identity); make them matter for equivalence tests."""
     g = torch.Generator().manual_seed(1)
     for p in model.parameters():
         if p.requires_grad and not p.abs().sum():

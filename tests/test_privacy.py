@@ -32,7 +32,7 @@ def tiny_cdpdnet(**overrides) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = create_model("cdpdnet_tiny", **make_bank(), **overrides)
-    with torch.no_grad():  # FiLM / residual rows start at zero: give every layer a gradient worth comparing
+    with torch.no_grad():  # FiLM and TTPG modulation start at zero: give every layer a gradient worth comparing
         g = torch.Generator().manual_seed(1)
         for p in model.parameters():
             if p.requires_grad and not p.abs().sum():

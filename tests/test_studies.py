@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from fedtextseg.config import compose_config
+from fedtextseg.errors import ConfigError
 from fedtextseg.losses import NaiveSoftmaxLoss, SoftmaxLabelSpace, build_loss
 from fedtextseg.studies.collect import mean_std
 from fedtextseg.studies.spec import arm_overrides, list_studies, load_study
@@ -99,6 +100,21 @@ def test_every_study_file_parses_and_every_arm_composes(tmp_path):
             assert cfg.privacy.ledger_dir == str(tmp_path / "r" / "privacy-ledger")
     naive = compose_config("demo", arm_overrides(main, main.arm("naive"), "cpu", 0, tmp_path / "r"))
     assert naive.train.loss == "naive" and naive.model.kwargs.text_conditioning is False
+
+
+def test_a_size_may_name_the_arms_it_trains_and_only_arms_the_study_has(tmp_path):
+    assert load_study("privacy").size("cpu")["arms"] == ["eps8", "eps32", "nodp"]  # the CPU curve's points
+    assert "arms" not in load_study("privacy").size("paper")  # the GPU size trains every arm
+    study = {"title": "t", "experiment": "demo", "arms": [{"name": "a"}, {"name": "b"}],
+             "sizes": {"cpu": {"seeds": 1, "arms": ["a", "c"]}}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(study))
+    with pytest.raises(ConfigError, match=r"size 'cpu' lists arm\(s\) \['c'\] the study does not define"):
+        load_study(path)
+    study["sizes"]["cpu"] = {"seeds": 1, "arm": ["a"]}
+    path.write_text(yaml.safe_dump(study))
+    with pytest.raises(ConfigError, match=r"size 'cpu' has unknown key\(s\) \['arm'\]"):
+        load_study(path)
 
 
 def test_mean_std_skips_missing_values():

@@ -344,3 +344,71 @@ def test_bad_file_surfaces_as_site_error_through_the_dataset(liver_site, tmp_pat
     assert info.value.path == str(liver_site.cases[0].image) and "cannot read as NIfTI" in info.value.problem
     with pytest.raises(SiteError, match="cannot read as NIfTI"):
         build_site_data(liver_site, PreprocessConfig(patch_size=(16, 16, 16)), cache_dir=False)
+
+
+def _fill_cache_in_a_process(site_root: str, cache_dir: str, barrier) -> int:
+    """Child of the two-writer test: wait for the other writer, then preprocess every case into one cache."""
+    from fedtextseg.data.dataset import build_site_data
+    from fedtextseg.data.site import load_site
+    from fedtextseg.data.transforms import PreprocessConfig
+
+    data = build_site_data(load_site(site_root), PreprocessConfig(patch_size=(16, 16, 16), num_crops=2),
+                           cache_dir=cache_dir, val_fraction=0.0)
+    barrier.wait(timeout=60)
+    for _ in range(3):  # both processes write every entry, over and over, while the other reads them
+        for i in range(len(data.train_ds)):
+            assert data.train_ds[i][0]["image"].shape == (1, 16, 16, 16)
+    return len(data.train_ds)
+
+
+def test_two_processes_filling_one_cache_leave_every_entry_whole(make_nifti_site, tmp_path):
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    site = load_site(make_nifti_site(tmp_path / "site", n_cases=4, shape=(20, 20, 20)))
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Manager().Barrier(2)
+    with ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        futures = [pool.submit(_fill_cache_in_a_process, str(site.root), str(tmp_path / "cache"), barrier)
+                   for _ in range(2)]
+        assert [f.result(timeout=300) for f in futures] == [4, 4]
+    (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+    entries = sorted(folder.glob("*.pt"))
+    assert len(entries) == 4
+    cfg = PreprocessConfig(patch_size=(16, 16, 16), num_crops=2)
+    data = build_site_data(site, cfg, cache_dir=tmp_path / "cache", val_fraction=0.0)
+    ids = set()
+    for entry in entries:  # every entry is a whole case, each case once
+        cached = torch.load(entry, weights_only=False)
+        assert cached["image"].shape == cached["label"].shape[:1] + cached["image"].shape[1:]
+        ids.add(cached["case_id"])
+    assert ids == {c.case_id for c in data.train_cases}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a torch file", "another case's entry", "not a dict"])
+def test_a_damaged_or_foreign_cache_entry_is_rebuilt_not_loaded(liver_site, tmp_path, monkeypatch, damage):
+    cfg = PreprocessConfig(patch_size=(16, 16, 16))
+    data = build_site_data(liver_site, cfg, cache_dir=tmp_path, val_fraction=0.0)
+    data.train_ds[0], data.train_ds[1]
+    first, second = (data.cache_dir / f"{data.train_ds.hash_func(it).decode()}.pt" for it in data.train_ds.data[:2])
+    assert first.is_file() and second.is_file()
+    if damage == "truncated":  # a writer killed mid-file (what a non-atomic cache could leave)
+        first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    elif damage == "not a torch file":
+        first.write_text("not a tensor")
+    elif damage == "another case's entry":
+        first.write_bytes(second.read_bytes())
+    else:
+        torch.save([torch.zeros(3)], first)
+    reads = []
+    real = T.read_nifti
+    monkeypatch.setattr(T, "read_nifti", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
+    fresh = build_site_data(liver_site, cfg, cache_dir=tmp_path, val_fraction=0.0)
+    with pytest.warns(UserWarning, match=f"{first.name}: cache entry .*preprocessing the case again"):
+        crops = fresh.train_ds[0]
+    assert reads == [str(liver_site.cases[0].image)]  # recomputed from its own NIfTI file
+    assert crops[0]["case_id"] == fresh.train_cases[0].case_id
+    assert torch.load(first, weights_only=False)["case_id"] == fresh.train_cases[0].case_id  # and rewritten whole
+    fresh.train_ds[0]
+    assert len(reads) == 1  # the rebuilt entry is used from now on

@@ -49,6 +49,8 @@ class SiteReport:
     spacing_range: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (per-axis min, per-axis max), mm
     shape_range: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     voxel_counts: dict[str, int] = field(default_factory=dict)  # vocabulary channel -> voxels over labeled cases
+    ignored_voxels: int = 0  # voxels of label values the site ignores (``unmapped: ignore``)
+    ignored_classes: list[str] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)  # findings that are not errors (e.g. an empty mask)
     stopped_early: bool = False
@@ -84,6 +86,10 @@ class SiteReport:
             for name, count in self.voxel_counts.items():
                 mark = "annotated" if name in self.annotated else "not annotated (ignored in training)"
                 lines.append(f"    {name:<{width}}  {count:>12,}  {mark}")
+        if self.ignored_classes:
+            shown = ", ".join(self.ignored_classes[:12]) + (" ..." if len(self.ignored_classes) > 12 else "")
+            lines.append(f"  ignored:   {self.ignored_voxels:,} voxels of {len(self.ignored_classes)} label value(s) "
+                         f"outside the vocabulary (unmapped: ignore; not annotated, never background): {shown}")
         if self.notes:
             lines.append(f"  notes ({len(self.notes)}):")
             lines += [f"    {self._rel(path)}: {note}" for path, note in self.notes]
@@ -101,7 +107,7 @@ def _span(lo, hi, fmt: str) -> str:
 
 
 def _check_case(case, site: Site, coder: LabelCoder, atol: float):
-    """(problems, image info or None, channel counts or None) of one case."""
+    """(problems, image info or None, channel counts or None, ignored voxels) of one case."""
     problems: list[tuple[str, str]] = []
     image = label = None
     try:
@@ -115,12 +121,12 @@ def _check_case(case, site: Site, coder: LabelCoder, atol: float):
                              f"(expected {PLAUSIBLE_SPACING[0]:g}-{PLAUSIBLE_SPACING[1]:g} mm per axis); check the "
                              "header's pixdim / affine"))
     if case.label is None:
-        return problems, image.info if image else None, None
+        return problems, image.info if image else None, None, 0
     try:
         label = read_label(case.label, expect_dims=3)
     except SiteError as exc:
         problems.append((exc.path, exc.problem))
-        return problems, image.info if image else None, None
+        return problems, image.info if image else None, None, 0
     if image is not None:
         mismatch = grid_mismatch(image, label, atol)
         if mismatch:
@@ -129,8 +135,9 @@ def _check_case(case, site: Site, coder: LabelCoder, atol: float):
         codes = encode_labels(label.array, label.affine, site, case.label, coder)
     except SiteError as exc:
         problems.append((exc.path, exc.problem))
-        return problems, image.info if image else None, None
-    return problems, image.info if image else None, coder.channel_counts(codes)
+        return problems, image.info if image else None, None, 0
+    ignored = int((codes == coder.ignore_code).sum()) if coder.ignore_code is not None else 0
+    return problems, image.info if image else None, coder.channel_counts(codes), ignored
 
 
 def check_site(path_or_site: str | Path | Site, full: bool = True, vocabulary: str | None = None,
@@ -140,6 +147,7 @@ def check_site(path_or_site: str | Path | Site, full: bool = True, vocabulary: s
     report = SiteReport(
         name=site.name, root=str(site.root), format=site.format, task=site.task, vocabulary=site.vocabulary.name,
         annotated=list(site.annotated), n_cases=len(site.cases), n_labeled=len(site.labeled_cases),
+        ignored_classes=[site.ignored_values[v] for v in sorted(site.ignored_values)],
     )
     if site.format == "png-csv":
         from fedtextseg.data.xray import check_xray_site  # 2D report-guided sites, imported only when needed
@@ -157,8 +165,9 @@ def check_site(path_or_site: str | Path | Site, full: bool = True, vocabulary: s
     spacings, shapes = [], []
     labeled_ok = 0
     for case in site.cases:
-        problems, info, case_counts = _check_case(case, site, coder, atol)
+        problems, info, case_counts, ignored = _check_case(case, site, coder, atol)
         report.cases_checked += 1
+        report.ignored_voxels += ignored
         report.problems += problems
         if info is not None:
             spacings.append(info["spacing"])

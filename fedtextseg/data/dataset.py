@@ -24,7 +24,9 @@ import hashlib
 import importlib
 import json
 import os
+import uuid
 import warnings
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -119,6 +121,7 @@ def cache_key(site: Site, cfg: PreprocessConfig, feature_key: str | None = None)
             "task": site.task,
             "preprocess": cfg.hash(),
             "features": feature_key,
+            **({"ignored": {str(k): v for k, v in sorted(site.ignored_values.items())}} if site.ignored_values else {}),
         },
         sort_keys=True,
     )
@@ -176,31 +179,87 @@ def _cache_safe_globals(path: Path) -> list | None:
 
 
 class SitePersistentDataset(_SiteErrorsMixin, PersistentDataset):
-    """PersistentDataset that reports site problems as SiteError and reloads MONAI metadata safely.
+    """PersistentDataset whose entries are safe with several writers and never loaded half-written or foreign.
 
-    Cached items keep their MetaTensor metadata (``track_meta=True``) for inverting predictions later; loading them
-    stays ``weights_only`` with an explicit allow-list (see ``_cache_safe_globals``).
+    * an entry is written to a temporary file in its own folder and renamed into place (``os.replace``, atomic on
+      one file system), so a reader in another process sees either no entry or a whole one, and an interrupted
+      write leaves no entry behind;
+    * an entry that cannot be read (truncated, not a torch file), refers to objects outside the allow-list
+      (``_cache_safe_globals``) or is not this case's (another case's item, not a dict of tensors) is deleted with
+      a warning naming the file, and the case is preprocessed again;
+    * cached items keep their MetaTensor metadata (``track_meta=True``) for inverting predictions later; loading
+      stays ``weights_only`` and memory-maps the tensors (``mmap=True``: pages are read as a crop touches them).
     """
 
     def _cachecheck(self, item_transformed):
         item = self._cached_or_computed(item_transformed)
-        # MONAI saves an item converted (plain tensors -> MetaTensor) but returns a freshly computed one as it is:
-        # convert that one alike, so a half-filled cache (an interrupted run, new cases) yields batches that collate
+        # a freshly computed item is returned as it was computed, a cached one as saved (plain tensors ->
+        # MetaTensor): convert that one alike, so a half-filled cache (an interrupted run, new cases) yields
+        # batches that collate
         return convert_to_tensor(item, convert_numeric=False, track_meta=self.track_meta) if self.track_meta else item
+
+    def _entry_path(self, item_transformed) -> Path:
+        return self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
 
     def _cached_or_computed(self, item_transformed):
         if self.cache_dir is None:
-            return super()._cachecheck(item_transformed)
-        hashfile = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
-        if not hashfile.is_file():
-            return super()._cachecheck(item_transformed)
-        safe = _cache_safe_globals(hashfile)
+            return self._pre_transform(deepcopy(item_transformed))
+        entry = self._entry_path(item_transformed)
+        cached = self._load_entry(entry, item_transformed)
+        if cached is not None:
+            return cached
+        computed = self._pre_transform(deepcopy(item_transformed))  # keep the hashed original as it was
+        self._store_entry(entry, computed)
+        return computed
+
+    def _load_entry(self, entry: Path, item_transformed: dict):
+        """The cached item of ``entry``, or None (absent; unreadable, untrusted or foreign ones are deleted)."""
+        if not entry.is_file():
+            return None
+        safe = _cache_safe_globals(entry)
+        problem = None
         if safe is None:
-            warnings.warn(f"{hashfile}: cache file refers to objects outside the allow-list; deleting and recomputing")
-            hashfile.unlink(missing_ok=True)
-            return super()._cachecheck(item_transformed)
-        with torch.serialization.safe_globals(safe):
-            return super()._cachecheck(item_transformed)
+            problem = "refers to objects outside the allow-list"
+        else:
+            try:
+                with torch.serialization.safe_globals(safe):
+                    cached = torch.load(entry, weights_only=True, mmap=True)
+            except FileNotFoundError:  # another process replaced or removed it meanwhile
+                return None
+            except Exception as exc:  # truncated, not a torch file, or an object the allow-list refuses
+                problem = f"cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            else:
+                problem = _foreign_entry_problem(cached, item_transformed)
+        if problem is None:
+            return cached
+        warnings.warn(f"{entry}: cache entry {problem}; deleting it and preprocessing the case again")
+        entry.unlink(missing_ok=True)
+        return None
+
+    def _store_entry(self, entry: Path, computed) -> None:
+        """Write ``computed`` to a temporary file beside ``entry`` and rename it into place."""
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            torch.save(convert_to_tensor(computed, convert_numeric=False, track_meta=self.track_meta), tmp,
+                       pickle_protocol=self.pickle_protocol)
+            os.replace(tmp, entry)
+        except OSError as exc:  # full disk, read-only cache: train on without caching this case
+            warnings.warn(f"{entry}: cannot write the cache entry ({exc}); the case is preprocessed each time")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _foreign_entry_problem(cached, item_transformed: dict) -> str | None:
+    """Why ``cached`` is not the preprocessed ``item_transformed`` (None when it is)."""
+    if not isinstance(cached, dict):
+        return f"holds a {type(cached).__name__}, not a preprocessed case"
+    keys = [k for k in ("image", "label") if item_transformed.get(k) is not None]
+    missing = [k for k in keys if not isinstance(cached.get(k), torch.Tensor)]
+    if missing:
+        return f"has no {' or '.join(missing)} tensor"
+    if cached.get("case_id") != item_transformed.get("case_id"):
+        return f"belongs to case {cached.get('case_id')!r}, not {item_transformed.get('case_id')!r}"
+    return None
 
 
 class SiteCacheDataset(_SiteErrorsMixin, CacheDataset):

@@ -8,7 +8,10 @@ sees one binary channel per vocabulary class. :func:`labels_to_channels` does th
 * a tumor (or cyst) also sets its **organ's** channel (``vocab.parent_channels``: kidney tumor -> kidney), itself split
   by side when the organ is a composite (a tumor in the right kidney counts toward "right kidney"). This is set
   whether or not the organ is annotated at the site; :func:`annotated_mask` says which channels to trust;
-* a value the label map does not declare is a :class:`SiteError` naming the file and the values.
+* a value the label map does not declare is a :class:`SiteError` naming the file and the values;
+* a value of a class outside the vocabulary that the site chose to ignore (``unmapped: ignore``) sets no channel and
+  gets its own code, :attr:`LabelCoder.ignore_code`: :meth:`LabelCoder.known` is 0 there, and the losses and
+  metrics leave those voxels out (they are neither a class's positive nor its negative).
 
 **Body side.** World coordinates are RAS+ millimetres (the NIfTI convention nibabel's affines use): +x points to the
 patient's RIGHT (DICOM's LPS+ is the opposite). The midline is taken as the world x of the centre of the image's
@@ -88,6 +91,7 @@ class LabelCoder:
     code_channels: tuple[tuple[int, ...], ...]
     value_codes: dict[int, tuple[int, ...]]
     annotated: tuple[bool, ...]
+    ignore_code: int | None = None  # the code of every ignored label value (``unmapped: ignore``), if any
 
     @classmethod
     def for_site(cls, site: Site) -> "LabelCoder":
@@ -118,12 +122,28 @@ class LabelCoder:
         table = [()] * len(code_of)
         for channels, k in code_of.items():
             table[k] = channels
+        ignore_code = None
+        if site.ignored_values:  # one more code, setting no channel, for every ignored value
+            ignore_code = len(table)
+            table.append(())
+            value_codes.update({int(v): (ignore_code,) for v in site.ignored_values})
         return cls(
             num_channels=vocab.num_classes,
             code_channels=tuple(table),
             value_codes=value_codes,
             annotated=tuple(bool(a) for a in site.annotated_mask()),
+            ignore_code=ignore_code,
         )
+
+    def known(self, codes):
+        """uint8 mask of the voxels whose label is known (0 where the value is ignored); numpy or tensor in kind."""
+        if isinstance(codes, torch.Tensor):
+            plain = codes.as_subclass(torch.Tensor)
+            return (plain != self.ignore_code).to(torch.uint8) if self.ignore_code is not None else \
+                torch.ones_like(plain, dtype=torch.uint8)
+        arr = np.asarray(codes)
+        return (arr != self.ignore_code).astype(np.uint8) if self.ignore_code is not None else \
+            np.ones(arr.shape, dtype=np.uint8)
 
     @property
     def num_codes(self) -> int:
@@ -183,7 +203,8 @@ def encode_labels(label: np.ndarray, affine: np.ndarray, site: Site, source: str
     undeclared = [int(v) for v in values if v != 0 and int(v) not in coder.value_codes]
     if undeclared:
         shown = ", ".join(str(v) for v in undeclared[:10]) + (" ..." if len(undeclared) > 10 else "")
-        declared = ", ".join(f"{v}={site.label_map[v]}" for v in sorted(site.label_map))
+        names = {**site.label_map, **{v: f"{n} (ignored)" for v, n in site.ignored_values.items()}}
+        declared = ", ".join(f"{v}={names[v]}" for v in sorted(names)[:20]) + (" ..." if len(names) > 20 else "")
         raise SiteError(
             source or "<label array>",
             f"label {'values' if len(undeclared) > 1 else 'value'} {shown} "

@@ -12,6 +12,9 @@ Layouts understood by :func:`load_site`:
       labels: labels                 # folder of label maps (default "labels")
       label_map: {1: liver, 2: liver tumor}   # label value -> vocabulary class or composite ("kidney")
       annotated: [liver, liver tumor]        # optional; default = every class the label map names
+      unmapped: refuse               # label values naming classes outside the vocabulary: refuse (default,
+                                     # with the list of names) | ignore (those voxels count as not annotated:
+                                     # no class's positive, no class's negative, left out of loss and metrics)
       privacy: {target_epsilon: 8.0, target_delta: 1.0e-5}   # optional per-site budget
 
   Images and labels pair by file name (``case_001.nii.gz``); nnU-Net's ``case_001_0000.nii.gz`` image names pair
@@ -25,7 +28,9 @@ Layouts understood by :func:`load_site`:
   "Liver" -> "msd liver" -> lits), else the vocabulary's "msd" task.
 
 Label value 0 is background. A label value mapped to a composite ("kidney") is split by body side into its
-lateral members when converted (see :func:`fedtextseg.data.labels.labels_to_channels`).
+lateral members when converted (see :func:`fedtextseg.data.labels.labels_to_channels`). Several values may map to one
+class (TotalSegmentator's three right lung lobes -> right lung). Names resolve through the vocabulary's synonyms,
+which include TotalSegmentator's (``kidney_left``, ``inferior_vena_cava``, ``lung_upper_lobe_left``, ...).
 """
 
 from __future__ import annotations
@@ -42,10 +47,11 @@ import yaml
 from fedtextseg.errors import SiteError
 from fedtextseg.vocab import UnknownClassError, UnknownTaskError, Vocabulary, get_vocabulary
 
-__all__ = ["Case", "Site", "load_site", "SITE_FILE", "NIFTI_SUFFIXES"]
+__all__ = ["Case", "Site", "load_site", "SITE_FILE", "NIFTI_SUFFIXES", "UNMAPPED_CHOICES"]
 
 SITE_FILE = "site.yaml"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+UNMAPPED_CHOICES = ("refuse", "ignore")  # site.yaml `unmapped`: label values whose class the vocabulary lacks
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class Site:
     format: str = "nifti"
     privacy: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    ignored_values: dict[int, str] = field(default_factory=dict)  # ``unmapped: ignore``: value -> name as written
 
     @property
     def spatial_dims(self) -> int:
@@ -175,10 +182,17 @@ def _pair_nifti(images_dir: Path, labels_dir: Path | None, labels_required: bool
     return cases
 
 
-def _resolve_label_map(raw: dict, vocab: Vocabulary, source: Path) -> dict[int, str]:
+def _resolve_label_map(raw: dict, vocab: Vocabulary, source: Path,
+                       unmapped: str = "refuse") -> tuple[dict[int, str], dict[int, str]]:
+    """(value -> canonical class, value -> name of an ignored class) of a raw label map.
+
+    With ``unmapped="ignore"`` a value whose name the vocabulary does not know is returned in the second mapping
+    instead of being an error; every other problem is still an error, all of them reported at once."""
     if not isinstance(raw, dict):
         raise SiteError(source, f"label map must be a mapping of label value -> class name, got {type(raw).__name__}")
     out: dict[int, str] = {}
+    ignored: dict[int, str] = {}
+    unknown: list[str] = []
     problems = []
     for key, name in raw.items():
         try:
@@ -191,8 +205,9 @@ def _resolve_label_map(raw: dict, vocab: Vocabulary, source: Path) -> dict[int, 
         if not isinstance(name, str) or not name.strip():
             problems.append(f"label value {value}: class name must be a non-empty string, got {name!r}")
             continue
-        if value in out:
-            problems.append(f"label value {value} is given twice ({out[value]!r} and {name!r})")
+        if value in out or value in ignored:
+            problems.append(f"label value {value} is given twice ({out.get(value, ignored.get(value))!r} and "
+                            f"{name!r})")
             continue
         if value == 0:
             if str(name).strip().lower() not in ("background", "bg", "none", "0"):
@@ -204,7 +219,17 @@ def _resolve_label_map(raw: dict, vocab: Vocabulary, source: Path) -> dict[int, 
         try:
             out[value] = vocab.canonical(str(name))
         except UnknownClassError as exc:
-            problems.append(f"label value {value}: {exc}")
+            if unmapped == "ignore":
+                ignored[value] = str(name)
+            else:
+                unknown.append(f"{value}={name}")
+                if len(unknown) <= 3:  # the first few with the vocabulary's suggestions
+                    problems.append(f"label value {value}: {exc}")
+    if unknown:
+        problems.append(f"{len(unknown)} label value(s) name classes outside vocabulary {vocab.name!r}: "
+                        f"{', '.join(unknown)}; set `unmapped: ignore` in {SITE_FILE} to train on the others "
+                        "(those voxels then count as not annotated, never as background), or map them to "
+                        "vocabulary classes")
     if problems:
         hint = ""
         if source.name == "dataset.json":
@@ -214,8 +239,9 @@ def _resolve_label_map(raw: dict, vocab: Vocabulary, source: Path) -> dict[int, 
             )
         raise SiteError(source, "invalid label map: " + "; ".join(problems) + hint)
     if not out:
-        raise SiteError(source, "label map declares no foreground class")
-    return out
+        raise SiteError(source, "label map declares no foreground class"
+                        + (f" of vocabulary {vocab.name!r} (every value is ignored)" if ignored else ""))
+    return out, ignored
 
 
 def _annotated_from(label_map: dict[int, str], raw: list | None, vocab: Vocabulary, source: Path) -> list[str]:
@@ -261,7 +287,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 # site.yaml keys whose values must be of one kind (anything else would fail later, less clearly)
 _SPEC_TYPES = {"name": (str, int), "task": (str,), "vocabulary": (str,), "format": (str,), "images": (str,),
                "labels": (str,), "csv": (str,), "root": (str,), "label_map": (dict,), "annotated": (list,),
-               "privacy": (dict,)}
+               "privacy": (dict,), "unmapped": (str,)}
 
 
 def _check_spec(spec: dict, path: Path) -> None:
@@ -273,6 +299,8 @@ def _check_spec(spec: dict, path: Path) -> None:
             raise SiteError(path, f"'{key}' must be {want}, got {type(value).__name__} {value!r:.60}")
     if isinstance(spec.get("annotated"), list) and not all(isinstance(c, str) for c in spec["annotated"]):
         raise SiteError(path, f"'annotated' must be a list of class names, got {spec['annotated']!r:.80}")
+    if spec.get("unmapped") is not None and spec["unmapped"] not in UNMAPPED_CHOICES:
+        raise SiteError(path, f"'unmapped' must be one of {', '.join(UNMAPPED_CHOICES)}, got {spec['unmapped']!r}")
 
 
 def _load_yaml(path: Path) -> dict:
@@ -339,7 +367,7 @@ def load_site(path: str | Path, vocabulary: Vocabulary | str | None = None) -> S
         source = msd_path
     if raw_map is None:
         raise SiteError(spec_path, "no label_map (and no dataset.json labels) declared")
-    label_map = _resolve_label_map(raw_map, vocab, source)
+    label_map, ignored = _resolve_label_map(raw_map, vocab, source, str(spec.get("unmapped") or "refuse"))
     annotated = _annotated_from(label_map, spec.get("annotated"), vocab, spec_path if spec else msd_path)
 
     task_name = spec.get("task") or (_msd_task_guess(msd.get("name", ""), vocab) if msd else vocab.default_task)
@@ -376,4 +404,5 @@ def load_site(path: str | Path, vocabulary: Vocabulary | str | None = None) -> S
         format=fmt,
         privacy=dict(spec.get("privacy") or {}),
         meta={k: v for k, v in spec.items() if k not in {"label_map", "annotated", "privacy"}},
+        ignored_values=ignored,
     )

@@ -255,17 +255,27 @@ class EncodeLabelsd(MapTransform):
 
 
 class DecodeLabelsd(MapTransform):
-    """Compact codes [1, *spatial] -> uint8 vocabulary channels [C, *spatial], metadata kept."""
+    """Compact codes [1, *spatial] -> uint8 vocabulary channels [C, *spatial], metadata kept; adds ``known``
+    (uint8 [1, *spatial], 0 at voxels of an ignored label value, see :meth:`LabelCoder.known`) beside the label.
 
-    def __init__(self, coder: LabelCoder, keys: str = "label", allow_missing_keys: bool = True):
+    ``known`` is there for every site, all ones where nothing is ignored, so batches pooled from several sites
+    collate alike."""
+
+    def __init__(self, coder: LabelCoder, keys: str = "label", allow_missing_keys: bool = True,
+                 known_key: str = "known"):
         super().__init__(keys, allow_missing_keys)
-        self.coder = coder
+        self.coder, self.known_key = coder, known_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            channels = decode_codes(d[key], self.coder, has_channel=True)
-            d[key] = _like(d[key], channels) if isinstance(d[key], MetaTensor) else channels
+            codes = d[key]
+            channels = decode_codes(codes, self.coder, has_channel=True)
+            known = self.coder.known(codes)
+            if isinstance(codes, MetaTensor):
+                d[key], d[self.known_key] = _like(codes, channels), _like(codes, known)
+            else:
+                d[key], d[self.known_key] = channels, known
         return d
 
 
@@ -467,12 +477,13 @@ def train_transform(site: Site, cfg: PreprocessConfig, feature_fn: FeatureFn | N
     lr_axis = next((i for i, code in enumerate(cfg.orientation) if code in "LR"), None) if sided else None
     if cfg.flip_prob > 0:
         # in-plane flips do not commute with the 2D ViT features: with dino, flip only along the slice axis
-        flip_keys = ["image", "label", "dino"] if with_dino else ["image", "label"]
+        flip_keys = ["image", "label", "known", "dino"] if with_dino else ["image", "label", "known"]
         for axis in (0,) if with_dino else (0, 1, 2):
             if axis != lr_axis:
                 steps.append(RandFlipd(keys=flip_keys, prob=cfg.flip_prob, spatial_axis=axis))
     if cfg.rot90_prob > 0 and not with_dino and not sided and cfg.patch_size[1] == cfg.patch_size[2]:
-        steps.append(RandRotate90d(keys=["image", "label"], prob=cfg.rot90_prob, max_k=3, spatial_axes=(1, 2)))
+        steps.append(RandRotate90d(keys=["image", "label", "known"], prob=cfg.rot90_prob, max_k=3,
+                                   spatial_axes=(1, 2)))
     if cfg.scale_intensity_prob > 0:
         steps.append(RandScaleIntensityd(keys="image", factors=cfg.scale_intensity_factor,
                                          prob=cfg.scale_intensity_prob))

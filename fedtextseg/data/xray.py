@@ -229,7 +229,7 @@ def check_xray_site(site: Site | str | Path, *, max_cases: int | None = None) ->
         try:
             spec = _load_yaml(root / SITE_FILE)
             vocab = get_vocabulary(spec.get("vocabulary"))
-            label_map = _resolve_label_map(spec.get("label_map") or {}, vocab, root / SITE_FILE)
+            label_map, _ = _resolve_label_map(spec.get("label_map") or {}, vocab, root / SITE_FILE)
         except SiteError as exc:
             return issues if (exc.path, exc.problem) in issues else issues + [(exc.path, exc.problem)]
         except Exception:  # unknown vocabulary: load_site already reported it

@@ -167,7 +167,7 @@ def run_study(name: str, *, size: str = "cpu", seeds: int | None = None, out: st
     if n_seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {n_seeds}")
     seed_list = list(range(n_seeds))
-    chosen = [spec.arm(a) for a in arms] if arms else list(spec.arms)
+    chosen = [spec.arm(a) for a in (arms or budget.get("arms") or [a.name for a in spec.arms])]
     folder = Path(out).expanduser().resolve() / spec.name
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -279,7 +279,7 @@ def study_main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="cpu", help="budget from the study file: cpu (2 cores) or paper (GPU)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the size's)")
     p.add_argument("--out", default="results/studies", help="parent folder of <study>/")
-    p.add_argument("--arms", default=None, help="comma list of arms to run (default: all)")
+    p.add_argument("--arms", default=None, help="comma list of arms to run (default: the size's arms, else all)")
     p.add_argument("--rounds", type=int, default=None, help="override federation.rounds (smoke runs)")
     p.add_argument("--local-steps", type=int, default=None, help="override train.local_steps (smoke runs)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

@@ -15,8 +15,11 @@ A study file::
         x: 8                   # optional x-axis value (.inf allowed)
         sites: 4               # optional: use the first N sites of the data root (scaling)
     sizes:                     # budgets: rounds, local steps, seeds, evaluation cases ...
-      cpu:   {seeds: 3, overrides: [federation.rounds=3, ...]}
+      cpu:   {seeds: 3, overrides: [federation.rounds=3, ...], arms: [fedtextseg]}   # arms: optional subset
       paper: {seeds: 3, overrides: [model=cdpdnet_paper, ...]}
+
+A size's ``arms`` (optional) are the arms a run of that size trains when the caller names none (``--arms``): a CPU
+budget may measure fewer points of a curve than a GPU one.
 
 :func:`arm_overrides` is the full list an arm's run composes: size, then arm, then the caller's extra overrides,
 then the run's own bookkeeping (seed, name, privacy ledger inside the run folder).
@@ -132,6 +135,15 @@ def load_study(name_or_path: str | Path) -> StudySpec:
     sizes = {str(k): dict(v or {}) for k, v in (raw.get("sizes") or {}).items()}
     if "cpu" not in sizes:
         raise ConfigError(f"{path}: a study needs a 'cpu' size (the 2-core default)")
+    for size_name, budget in sizes.items():
+        unknown = set(budget) - {"seeds", "overrides", "arms"}
+        if unknown:
+            raise ConfigError(f"{path}: size {size_name!r} has unknown key(s) {sorted(unknown)}; "
+                              "a size has seeds, overrides and (optional) arms")
+        strangers = [a for a in budget.get("arms") or () if a not in names]
+        if strangers:
+            raise ConfigError(f"{path}: size {size_name!r} lists arm(s) {strangers} the study does not define; "
+                              f"arms: {', '.join(names)}")
     return StudySpec(name=path.stem, title=str(raw.get("title") or path.stem), question=str(raw.get("question") or ""),
                      experiment=str(raw.get("experiment") or "demo"), arms=arms, sizes=sizes,
                      figures=tuple(raw.get("figures") or ()), x_axis=dict(raw.get("x_axis") or {}), path=path)
