@@ -173,3 +173,57 @@ def test_evaluation_leaves_unknown_voxels_out(tmp_path):
     liver, total, vertebra = (int((_label() == LIVER).sum()), _label().size, int((_label() == VERTEBRA).sum()))
     assert dice["ignore"] == pytest.approx(2 * liver / (liver + total - vertebra), abs=1e-4)
     assert dice[None] == pytest.approx(2 * liver / (liver + total), abs=1e-4)  # there the vertebra is background
+
+
+def _write_totalseg_output_site(root: Path, n_cases: int = 2, extra_masks=None, spec_extra=None) -> Path:
+    """Images + TotalSegmentator's output (`TotalSegmentator -i ct.nii.gz -o labels/<case>`): one binary mask per
+    class, empty ones included."""
+    label = _label()
+    (root / "images").mkdir(parents=True)
+    for i in range(n_cases):
+        nib.save(nib.Nifti1Image(np.where(label > 0, 80.0, 20.0).astype(np.float32), np.eye(4)),
+                 root / "images" / f"ct_{i}.nii.gz")
+        out = root / "labels" / f"ct_{i}"
+        out.mkdir(parents=True)
+        for value, name in ((LIVER, "liver"), (AORTA, "aorta"), (VERTEBRA, "vertebrae_L1"), (0, "kidney_left")):
+            nib.save(nib.Nifti1Image((label == value).astype(np.uint8) if value else np.zeros_like(label),
+                                     np.eye(4)), out / f"{name}.nii.gz")
+        for name, (array, affine) in (extra_masks or {}).items():
+            nib.save(nib.Nifti1Image(array, affine), out / f"{name}.nii.gz")
+    (root / "site.yaml").write_text(yaml.safe_dump({"name": "ts", "task": "btcv", "unmapped": "ignore",
+                                                    **(spec_extra or {})}))
+    return root
+
+
+def test_a_totalsegmentator_output_folder_per_case_is_a_site(tmp_path):
+    site = load_site(_write_totalseg_output_site(tmp_path / "s", n_cases=3))
+    assert sorted(site.label_map.values()) == ["aorta", "left kidney", "liver"]
+    assert list(site.ignored_values.values()) == ["vertebrae_L1"]
+    assert all(c.label.is_dir() for c in site.cases) and site.annotated == ["left kidney", "liver", "aorta"]
+    report = check_site(site)
+    label = _label()
+    assert report.voxel_counts["liver"] == 3 * int((label == LIVER).sum())  # counted independently of the reader
+    assert report.voxel_counts["aorta"] == 3 * int((label == AORTA).sum())
+    assert report.ignored_voxels == 3 * int((label == VERTEBRA).sum())
+    assert [p for p in report.problems if "left kidney" not in p[1]] == []  # the empty kidney mask is reported
+    cfg = PreprocessConfig(patch_size=(16, 16, 16), spacing=(1.0, 1.0, 1.0), orientation="RAS")
+    data = build_site_data(site, cfg, cache_dir=tmp_path / "cache", val_fraction=0.34)
+    val = data.val_ds[0]
+    assert int(val["label"][VOCAB.index("liver")].sum()) == int((label == LIVER).sum())
+    assert int((val["known"] == 0).sum()) == int((label == VERTEBRA).sum())
+    assert data.train_ds[0][0]["image"].shape == (1, 16, 16, 16)
+
+
+def test_bad_mask_folders_are_refused_naming_the_file(tmp_path):
+    label = _label()
+    overlapping = ((label == LIVER).astype(np.uint8), np.eye(4))  # "spleen" drawn over the liver
+    with pytest.raises(SiteError, match=r"spleen.nii.gz: .* voxels are also in liver.nii.gz"):
+        check = load_site(_write_totalseg_output_site(tmp_path / "a", 1, {"spleen": overlapping}))
+        build_site_data(check, PreprocessConfig(patch_size=(16, 16, 16)), cache_dir=False, val_fraction=0.0)
+    shifted = np.eye(4)
+    shifted[0, 3] = 5.0
+    report = check_site(load_site(_write_totalseg_output_site(tmp_path / "b", 1, {"spleen": (
+        np.zeros(label.shape, np.uint8), shifted)})))
+    assert any(p.endswith("spleen.nii.gz") and "not on the grid of aorta.nii.gz" in msg for p, msg in report.problems)
+    with pytest.raises(SiteError, match="remove label_map"):
+        load_site(_write_totalseg_output_site(tmp_path / "c", 1, spec_extra={"label_map": {1: "liver"}}))

@@ -123,7 +123,7 @@ def _check_case(case, site: Site, coder: LabelCoder, atol: float):
     if case.label is None:
         return problems, image.info if image else None, None, 0
     try:
-        label = read_label(case.label, expect_dims=3)
+        label = read_label(case.label, expect_dims=3, mask_values=site.meta.get("mask_values"))
     except SiteError as exc:
         problems.append((exc.path, exc.problem))
         return problems, image.info if image else None, None, 0

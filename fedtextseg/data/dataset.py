@@ -103,8 +103,12 @@ def _item_hash(item: dict) -> bytes:
     for key in ("image", "label"):
         if item.get(key) is not None:
             try:
-                st = os.stat(item[key])
-                stats[key] = (st.st_size, st.st_mtime_ns)
+                path = Path(item[key])
+                if path.is_dir():  # a folder of per-class masks: every mask's name, size and mtime
+                    stats[key] = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir())]
+                else:
+                    st = path.stat()
+                    stats[key] = (st.st_size, st.st_mtime_ns)
             except OSError:
                 stats[key] = None  # the reader reports the missing file
     return pickle_hashing({"item": dict(item), "stats": stats})

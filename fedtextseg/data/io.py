@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -20,7 +20,8 @@ from nibabel.spatialimages import HeaderDataError
 
 from fedtextseg.errors import SiteError
 
-__all__ = ["NiftiVolume", "read_nifti", "read_label", "read_header", "grid_mismatch", "READ_ERRORS", "AFFINE_TOLERANCE"]
+__all__ = ["NiftiVolume", "read_nifti", "read_label", "read_header", "grid_mismatch", "READ_ERRORS", "AFFINE_TOLERANCE",
+           "mask_files", "mask_name"]
 
 # What nibabel, gzip and zlib raise on a damaged file: not-a-NIfTI, bad gzip stream, truncated data.
 READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError, TypeError, MemoryError)
@@ -120,9 +121,15 @@ def read_nifti(path: str | Path, expect_dims: int = 3, *, check_finite: bool = T
     return NiftiVolume(data, affine, _info(path, img, spatial, affine))
 
 
-def read_label(path: str | Path, expect_dims: int = 3) -> NiftiVolume:
-    """Read a label map: finite, non-negative, integer-valued; returned as an integer array."""
+def read_label(path: str | Path, expect_dims: int = 3, mask_values: Mapping[str, int] | None = None) -> NiftiVolume:
+    """Read a label map: finite, non-negative, integer-valued; returned as an integer array.
+
+    ``path`` may be a folder of per-class binary masks (TotalSegmentator's output: ``liver.nii.gz``,
+    ``kidney_left.nii.gz``, ...): each mask's voxels get ``mask_values[<file name without suffix>]``; the masks must
+    share one grid and must not overlap."""
     path = Path(path)
+    if path.is_dir():
+        return _read_mask_folder(path, expect_dims, mask_values)
     vol = read_nifti(path, expect_dims, check_finite=True, dtype=None)
     data = vol.array
     if np.issubdtype(data.dtype, np.floating):
@@ -141,6 +148,53 @@ def read_label(path: str | Path, expect_dims: int = 3) -> NiftiVolume:
 
 
 AFFINE_TOLERANCE = 1e-3  # absolute, on affine entries (mm for the origin, mm/voxel for the axes)
+MASK_SUFFIXES = (".nii.gz", ".nii")
+
+
+def mask_name(path: Path) -> str:
+    """The class a per-class mask file names: its file name without ``.nii.gz`` / ``.nii``."""
+    for suffix in MASK_SUFFIXES:
+        if path.name.lower().endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+def mask_files(folder: Path) -> list[Path]:
+    """The NIfTI masks of a per-class mask folder, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(MASK_SUFFIXES))
+
+
+def _read_mask_folder(folder: Path, expect_dims: int, mask_values: Mapping[str, int] | None) -> NiftiVolume:
+    if mask_values is None:
+        raise SiteError(folder, "a folder of per-class masks is read with the site's class list (load it as a site)")
+    masks = mask_files(folder)
+    if not masks:
+        raise SiteError(folder, "label folder holds no per-class masks (<class>.nii.gz)")
+    out = first = None
+    owner: np.ndarray | None = None
+    for index, mask in enumerate(masks):
+        name = mask_name(mask)
+        if name not in mask_values:
+            raise SiteError(mask, f"mask of class {name!r}, which the site's class list does not have")
+        vol = read_label(mask, expect_dims)
+        if first is None:
+            first = vol
+            out = np.zeros(vol.array.shape, dtype=np.int32)
+            owner = np.full(vol.array.shape, -1, dtype=np.int16)
+        else:
+            problem = grid_mismatch(first, vol)
+            if problem:
+                raise SiteError(mask, f"not on the grid of {masks[0].name} in the same folder: {problem}")
+        foreground = vol.array > 0
+        clash = foreground & (owner >= 0)
+        if clash.any():
+            other = masks[int(owner[clash][0])].name
+            raise SiteError(mask, f"{int(clash.sum())} voxels are also in {other}: per-class masks must not overlap")
+        out[foreground] = int(mask_values[name])
+        owner[foreground] = index
+    info = dict(first.info)
+    info["path"] = str(folder)
+    return NiftiVolume(out, first.affine, info)
 
 
 def grid_mismatch(image: NiftiVolume | tuple, label: NiftiVolume | tuple, atol: float = AFFINE_TOLERANCE) -> str | None:

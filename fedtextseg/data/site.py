@@ -21,6 +21,11 @@ Layouts understood by :func:`load_site`:
   with ``case_001.nii.gz`` labels (names that merely end in 4 digits, ``case_0001``, stay as they are). Images
   without a label are allowed for unlabeled/inference sites; a ``labels`` folder named in site.yaml must exist.
 
+* **TotalSegmentator output** (``labels/<case id>/<class>.nii.gz``, one binary mask per class, as
+  ``TotalSegmentator -i images/<case id>.nii.gz -o labels/<case id>`` writes them): no ``label_map`` - the masks'
+  file names are the classes (resolved through the vocabulary's synonyms; set ``unmapped: ignore`` for the ones it
+  does not have). The masks of a case must share its image's grid and must not overlap.
+
 * **Medical Segmentation Decathlon** (``dataset.json``, ``imagesTr/``, ``labelsTr/``): the label map comes from
   ``dataset.json``'s ``labels`` (MSD's ``{"1": "liver"}`` or nnU-Net v2's ``{"liver": 1}``) resolved through the
   vocabulary, or from a ``site.yaml`` beside it (needed where MSD's names are ambiguous, e.g. Task03_Liver's
@@ -44,6 +49,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from fedtextseg.data.io import mask_files, mask_name
 from fedtextseg.errors import SiteError
 from fedtextseg.vocab import UnknownClassError, UnknownTaskError, Vocabulary, get_vocabulary
 
@@ -150,10 +156,15 @@ def _pair_nifti(images_dir: Path, labels_dir: Path | None, labels_required: bool
     labels: dict[str, Path] = {}
     if labels_dir is not None and labels_dir.is_dir():
         for p in labels_dir.iterdir():
-            if p.name.lower().endswith(NIFTI_SUFFIXES) and p.is_file():
-                if _case_id(p) in labels:
-                    raise SiteError(p, f"two label files for case {_case_id(p)!r} ({labels[_case_id(p)].name})")
-                labels[_case_id(p)] = p
+            is_mask_folder = p.is_dir() and not p.name.startswith(".")  # TotalSegmentator: one folder per case
+            if (p.name.lower().endswith(NIFTI_SUFFIXES) and p.is_file()) or is_mask_folder:
+                case_id = p.name if is_mask_folder else _case_id(p)
+                if case_id in labels:
+                    raise SiteError(p, f"two labels for case {case_id!r} ({labels[case_id].name})")
+                labels[case_id] = p
+        kinds = {p.is_dir() for p in labels.values()}
+        if len(kinds) > 1:
+            raise SiteError(labels_dir, "holds both label files and per-class mask folders; use one kind per site")
     elif labels_required and labels_dir is not None:
         raise SiteError(labels_dir, "label folder named in site.yaml does not exist")
     ids = [_case_id(img) for img in images]
@@ -180,6 +191,21 @@ def _pair_nifti(images_dir: Path, labels_dir: Path | None, labels_required: bool
     if orphans:
         raise SiteError(labels_dir, f"labels without an image: {', '.join(orphans[:5])}")
     return cases
+
+
+def _mask_folder_values(cases: list[Case], raw_map: Any, spec_path: Path) -> dict[str, int]:
+    """Per-class mask folders (TotalSegmentator's ``<class>.nii.gz`` per case): {mask name: label value}, the
+    values numbering the union of the cases' mask names in sorted order; {} when labels are label files."""
+    folders = [c.label for c in cases if c.label is not None and c.label.is_dir()]
+    if not folders:
+        return {}
+    if raw_map is not None:
+        raise SiteError(spec_path, "labels are folders of per-class masks, whose file names name the classes: "
+                                   "remove label_map (rename a mask file to change its class)")
+    names = sorted({mask_name(m) for folder in folders for m in mask_files(folder)})
+    if not names:
+        raise SiteError(folders[0].parent, "the per-class mask folders hold no masks (<class>.nii.gz)")
+    return {name: i + 1 for i, name in enumerate(names)}
 
 
 def _resolve_label_map(raw: dict, vocab: Vocabulary, source: Path,
@@ -361,7 +387,18 @@ def load_site(path: str | Path, vocabulary: Vocabulary | str | None = None) -> S
         raise SiteError(source, str(exc)) from None
 
     fmt = str(spec.get("format", "nifti")).lower()
+    if msd and "images" not in spec:
+        images_dir, labels_dir, labels_required = root / "imagesTr", root / "labelsTr", False
+    else:
+        images_dir, labels_dir = root / spec.get("images", "images"), root / spec.get("labels", "labels")
+        labels_required = "labels" in spec
     raw_map = spec.get("label_map")
+    cases, mask_values = None, {}
+    if fmt == "nifti" and labels_dir.is_dir() and any(p.is_dir() for p in labels_dir.iterdir()):
+        cases = _pair_nifti(images_dir, labels_dir, labels_required)  # the masks' file names are the label map
+        mask_values = _mask_folder_values(cases, raw_map, spec_path)
+    if mask_values:  # per-class mask folders: the masks' file names are the classes
+        raw_map = {value: name for name, value in mask_values.items()}
     if raw_map is None and msd:
         raw_map = _msd_labels(msd)
         source = msd_path
@@ -379,12 +416,7 @@ def load_site(path: str | Path, vocabulary: Vocabulary | str | None = None) -> S
         raise SiteError(source, str(exc)) from None
 
     if fmt == "nifti":
-        if msd and "images" not in spec:
-            cases = _pair_nifti(root / "imagesTr", root / "labelsTr")
-        else:
-            cases = _pair_nifti(
-                root / spec.get("images", "images"), root / spec.get("labels", "labels"), "labels" in spec
-            )
+        cases = cases if cases is not None else _pair_nifti(images_dir, labels_dir, labels_required)
     elif fmt in ("png-csv", "png", "xray"):
         from fedtextseg.data.xray import read_xray_cases  # 2D report-guided layout
 
@@ -403,6 +435,7 @@ def load_site(path: str | Path, vocabulary: Vocabulary | str | None = None) -> S
         cases=cases,
         format=fmt,
         privacy=dict(spec.get("privacy") or {}),
-        meta={k: v for k, v in spec.items() if k not in {"label_map", "annotated", "privacy"}},
+        meta={**{k: v for k, v in spec.items() if k not in {"label_map", "annotated", "privacy"}},
+              **({"mask_values": mask_values} if mask_values else {})},
         ignored_values=ignored,
     )

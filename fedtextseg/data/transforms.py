@@ -179,10 +179,12 @@ class LoadNiftid(MapTransform):
     """
 
     def __init__(self, image_key: str = "image", label_key: str = "label", atol: float = AFFINE_TOLERANCE,
-                 target_spacing: Sequence[float] | None = None, max_voxels: int = MAX_RESAMPLED_VOXELS):
+                 target_spacing: Sequence[float] | None = None, max_voxels: int = MAX_RESAMPLED_VOXELS,
+                 mask_values: Mapping[str, int] | None = None):
         super().__init__([image_key, label_key], allow_missing_keys=True)
         self.image_key, self.label_key, self.atol = image_key, label_key, atol
         self.target_spacing, self.max_voxels = target_spacing, int(max_voxels)
+        self.mask_values = dict(mask_values) if mask_values else None  # per-class mask folders (TotalSegmentator)
 
     def _check_resampled_size(self, vol) -> None:
         """A header whose voxel size is off by orders of magnitude (metres for millimetres) would make the resampled
@@ -217,7 +219,7 @@ class LoadNiftid(MapTransform):
         self._check_resampled_size(image)
         d[self.image_key] = self._to_meta_tensor(image, np.float32)
         if d.get(self.label_key) is not None:
-            label = read_label(d[self.label_key])
+            label = read_label(d[self.label_key], mask_values=self.mask_values)
             problem = grid_mismatch(image, label, self.atol)
             if problem:
                 raise SiteError(label.info["path"], problem)
@@ -339,7 +341,8 @@ def preprocess_transform(site: Site, cfg: PreprocessConfig, feature_fn: FeatureF
     """
     keys = ["image", "label"] if with_label else ["image"]
     modes = ("bilinear", "nearest") if with_label else ("bilinear",)
-    steps: list = [LoadNiftid(target_spacing=cfg.spacing), EnsureChannelFirstd(keys=keys, channel_dim="no_channel")]
+    steps: list = [LoadNiftid(target_spacing=cfg.spacing, mask_values=site.meta.get("mask_values")),
+                   EnsureChannelFirstd(keys=keys, channel_dim="no_channel")]
     if with_label:
         steps.append(EncodeLabelsd(site))
     steps += [
