@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-# torch and torchvision come from one source in one step so their builds match (REFERENCE.md section 6).
+# torch and torchvision come from one source in one step so their builds match (a CPU wheel of one and a CUDA wheel of the other fail at import).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 # Offline and self-contained: no hub downloads, Flower and Ray keep their state inside the project.
@@ -33,6 +33,9 @@ demo: install
 ## process: simulations run several processes side by side on few cores.
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "slow or not slow" -q --durations=15
+
+## The same selection under the name the pytest marker help gives it.
+test-all: test
 
 ## The fast default selection for development (no end-to-end simulations).
 test-fast: install

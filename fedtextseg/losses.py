@@ -4,7 +4,7 @@ All losses take logits ``[B, C, *spatial]``, universal multi-channel targets ``[
 ``annotated`` mask ``[B, C]`` (per sample, so a pooled batch may mix sites). Channels a sample's site does not
 annotate receive exactly zero gradient from :class:`PartialLabelLoss` in ``"masked"`` mode.
 
-* ``masked``   – Dice + BCE over annotated channels only (CDPDNet, REFERENCE.md section 1).
+* ``masked``   – Dice + BCE over annotated channels only (CDPDNet, Wu et al. 2025, arXiv 2505.18958).
 * ``marginal`` – masked, plus the sigmoid counterpart of ConDistFL's marginal loss (Shi et al. 2021's exclusion
   term): a voxel a site labels as one of its organs is a known negative for every *unannotated* class that cannot
   overlap that organ, so those channels are pushed down there. What may overlap is derived from the vocabulary

@@ -2,7 +2,8 @@
 
 Every site, model head, text bank and metric speaks in the channels of one :class:`Vocabulary`. The default one is
 the 32-class abdominal CT vocabulary of the CLIP-Driven Universal Model / CDPDNet with its 11 dataset tasks
-(REFERENCE.md section 2). Deployments add vocabularies (e.g. chest X-ray) from YAML files without code changes::
+(Liu et al. 2023, arXiv 2301.00785). Deployments add vocabularies (e.g. chest X-ray) from YAML files without
+code changes::
 
     vocab = get_vocabulary()                 # "abdomen-ct"
     vocab.index("IVC")                       # -> 8 (channel of "postcava")

@@ -4,7 +4,7 @@ An nnU-Net-style 3D CNN (Conv3d + InstanceNorm + LeakyReLU, strided-conv down, t
 ``fusion_stages`` with frozen DINOv2 slice features through windowed cross-attention (queries: DINO, keys/values: CNN),
 conditioned on the *sample's own* task text by FiLM (bottleneck and every skip) and TTPG, with a head that generates
 one sigmoid channel per vocabulary class from the class text (plus zero-initialised per-class residual rows).
-See REFERENCE.md section 1; the public code's per-batch task id and BatchNorm adaptor are not repeated here.
+See Wu et al. 2025 (arXiv 2505.18958); the public code's per-batch task id and BatchNorm adaptor are not repeated here.
 
     model = create_model("cdpdnet_tiny", class_embeddings=ce, task_embeddings=te, class_names=cn, task_names=tn)
     logits = model(image, task)                   # image [B, 1, D, H, W], task LongTensor [B] -> [B, C, D, H, W]

@@ -1,6 +1,6 @@
 """TGC-Net: report-guided 2D segmentation of chest X-rays (CLIP ViT + CNN, calibrated by the report's text).
 
-Our design after Lin et al. 2025 (REFERENCE.md section 4; the paper publishes no code):
+Our design after Lin et al. 2025 (arXiv 2512.21135; the paper publishes no code):
 
 * **Semantic-structural synergy encoder**: the open_clip ViT image tower gives semantic tokens from three of its
   blocks; a GroupNorm CNN gives structure at strides 2, 4, 8, 16. Adapters bring the ViT token grids to strides 4,
