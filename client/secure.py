@@ -14,15 +14,14 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from types import SimpleNamespace
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedtextseg.data.dataset import split_cases
 from fedtextseg.data.site import load_site
-from fedtextseg.federation.frozen import FrozenCache
+from fedtextseg import wire
+from fedtextseg.federation.site_state import site_frozen_cache
 from fedtextseg.flower_adapter import (arrays_to_record, attach_frozen, config_to_record, receive_frozen,
                                        record_to_arrays, record_to_metrics)
 from fedtextseg.privacy.secure import encode_update, secure_weight
@@ -30,8 +29,8 @@ from fedtextseg.sites import resolve_site_path
 
 __all__ = ["secure_aggregation_mod", "is_secure_train", "secure_train", "prepare_reply", "SECAGG_RECORD"]
 
-SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
-_LEGACY_PARAMS = "fitins.parameters"
+SECAGG_RECORD = wire.SECAGG_RECORD
+_LEGACY_PARAMS = wire.LEGACY_PARAMS
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next):
@@ -47,19 +46,14 @@ def is_secure_train(msg: Message) -> bool:
     return msg.has_content() and _LEGACY_PARAMS in msg.content.array_records
 
 
-def _frozen_cache(cfg) -> FrozenCache:
-    root = Path(os.environ.get("FEDTEXTSEG_CACHE", Path.home() / ".cache" / "fedtextseg")).expanduser()
-    return FrozenCache(cfg.federation.get("frozen_cache") or str(root / "frozen"))
-
-
 def prepare_reply(msg: Message, context: Context, cfg) -> Message:
     """Cache the announced frozen bundle (raises ``missing-frozen`` if neither sent nor cached); site metadata back."""
-    receive_frozen(msg.content, _frozen_cache(cfg))
+    receive_frozen(msg.content, site_frozen_cache(cfg))
     site = load_site(resolve_site_path(cfg, context.node_config), cfg.data.get("vocabulary"))
     train, _ = split_cases(site.cases, float(cfg.data.val_fraction), int(cfg.run.seed))
     info = {"name": site.name, "task": site.task, "annotated": list(site.annotated) or [""],
-            "train-volumes": len(train)}
-    return Message(RecordDict({"site": ConfigRecord(info)}), reply_to=msg)
+            wire.TRAIN_VOLUMES: len(train)}
+    return Message(RecordDict({wire.SITE: ConfigRecord(info)}), reply_to=msg)
 
 
 def secure_train(msg: Message, context: Context, train_fn) -> Message:
@@ -69,25 +63,25 @@ def secure_train(msg: Message, context: Context, train_fn) -> Message:
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     conf = dict(fitins.config)
-    groups = json.loads(str(conf.pop("wire-groups")))
+    groups = json.loads(str(conf.pop(wire.WIRE_GROUPS)))
     names = list(groups["shared"]) + list(groups["per_class"])
     arrays = parameters_to_ndarrays(fitins.parameters)
     if len(arrays) != len(names):
         raise ValueError(f"SecAgg+ round sent {len(arrays)} arrays for {len(names)} names")
     global_arrays = dict(zip(names, arrays))
-    native = RecordDict({"arrays": arrays_to_record(global_arrays), "config": config_to_record(conf)})
-    attach_frozen(native, str(conf["frozen-hash"]), None)  # the bundle comes from the cache (prepare step)
+    native = RecordDict({wire.ARRAYS: arrays_to_record(global_arrays), wire.CONFIG: config_to_record(conf)})
+    attach_frozen(native, str(conf[wire.FROZEN_HASH]), None)  # the bundle comes from the cache (prepare step)
     reply = train_fn(Message(content=native, metadata=msg.metadata), context)
     if reply.has_error():
         raise RuntimeError(f"training failed: {reply.error.reason}")  # SecAgg+ treats this node as dropped out
-    local = record_to_arrays(reply.content.array_records["arrays"])
-    annotated = local.pop("meta.annotated")
-    metrics = record_to_metrics(reply.content.metric_records["metrics"])
-    n = int(metrics.pop("num-examples"))
+    local = record_to_arrays(reply.content.array_records[wire.ARRAYS])
+    annotated = local.pop(wire.ANNOTATED)
+    metrics = record_to_metrics(reply.content.metric_records[wire.METRICS])
+    n = int(metrics.pop(wire.NUM_EXAMPLES))
     declined = float(metrics.get("privacy/declined", 0.0)) > 0.5
-    weight = secure_weight(SimpleNamespace(federation={"weighting": conf.get("weighting", "examples")}), n, declined)
+    weight = secure_weight(SimpleNamespace(federation={"weighting": conf.get(wire.WEIGHTING, "examples")}), n, declined)
     spec = SimpleNamespace(shared=groups["shared"], per_class={k: int(v) for k, v in groups["per_class"].items()})
-    vector = encode_update(global_arrays, local, annotated, spec, clip=float(conf.get("clipping-range", 1.0)))
+    vector = encode_update(global_arrays, local, annotated, spec, clip=float(conf.get(wire.CLIPPING_RANGE, 1.0)))
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(vector), weight,
                     {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

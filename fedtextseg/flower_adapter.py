@@ -1,4 +1,5 @@
-"""The one module of the library that imports Flower (1.41 Message API): arrays, metrics and configs <-> records.
+"""The one module of the library that imports Flower (1.41 Message API): arrays, metrics and configs <-> records,
+and :class:`FlowerTransport`, the round protocol's transport over Flower's Grid (server/app.py runs it).
 
 Facts this module relies on (checked against flwr 1.41):
 - ``ArrayRecord`` is an insertion-ordered str -> ``Array`` mapping; the order survives serialisation. Arrays are
@@ -22,20 +23,16 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from fedtextseg import wire
 from fedtextseg.errors import FedTextSegError
 from fedtextseg.federation.aggregation import SiteUpdate
-from fedtextseg.federation.frozen import MISSING_FROZEN, FrozenBundle, FrozenCache
+from fedtextseg.federation.frozen import FrozenBundle, FrozenCache, MissingFrozenError
 from fedtextseg.federation.identity import IDENTITY_KEYS
 
-ARRAYS_KEY = "arrays"  # Flower's default record keys
-METRICS_KEY = "metrics"
-CONFIG_KEY = "config"
-NUM_EXAMPLES_KEY = "num-examples"
-ANNOTATED_KEY = "meta.annotated"
-HAS_PREFIX = "has"
-FROZEN_ARRAYS_KEY = "frozen"
-FROZEN_INFO_KEY = "frozen-info"
-SITE_KEY = "site"  # ConfigRecord of a reply: the site's name, task and (train) model identity
+# the wire names (fedtextseg.wire) under the names this module has always given them
+ARRAYS_KEY, METRICS_KEY, CONFIG_KEY = wire.ARRAYS, wire.METRICS, wire.CONFIG
+NUM_EXAMPLES_KEY, ANNOTATED_KEY, HAS_PREFIX = wire.NUM_EXAMPLES, wire.ANNOTATED, wire.HAS_PREFIX
+FROZEN_ARRAYS_KEY, FROZEN_INFO_KEY, SITE_KEY = wire.FROZEN_ARRAYS, wire.FROZEN_INFO, wire.SITE
 
 
 # ---------------------------------------------------------------- arrays
@@ -273,8 +270,8 @@ def attach_frozen(content: RecordDict, content_hash: str, bundle: FrozenBundle |
 def receive_frozen(content: RecordDict, cache: FrozenCache | None = None) -> FrozenBundle | None:
     """Client side: the announced frozen bundle, from the message (verified, then cached) or from ``cache``.
 
-    Returns None when the message announces no bundle. Raises ``FedTextSegError`` mentioning ``missing-frozen``
-    when the bundle is announced but neither sent nor cached; reply with ``missing_frozen_error`` then.
+    Returns None when the message announces no bundle. Raises :class:`MissingFrozenError` when the bundle is
+    announced but neither sent nor cached; reply with ``missing_frozen_error`` then.
     """
     if FROZEN_INFO_KEY not in content.config_records:
         return None
@@ -289,22 +286,22 @@ def receive_frozen(content: RecordDict, cache: FrozenCache | None = None) -> Fro
         return bundle
     bundle = cache.get(h) if cache is not None else None
     if bundle is None:
-        raise FedTextSegError(f"{MISSING_FROZEN}: frozen bundle {h} was not sent and is not in the local cache")
+        raise MissingFrozenError(h)
     return bundle
 
 
 def missing_frozen_error(content_hash: str) -> Error:
-    """The ``Error`` a client replies with when it lacks the announced frozen bundle."""
-    return Error(code=0, reason=f"{MISSING_FROZEN}: {content_hash}")
+    """The ``Error`` a client replies with when it lacks the announced frozen bundle (its own code)."""
+    return Error(code=wire.MISSING_FROZEN_CODE, reason=f"{wire.MISSING_FROZEN}: {content_hash}")
 
 
 def is_missing_frozen(reply: Message) -> bool:
     """Whether a reply says the node lacks the frozen bundle (then ``FrozenDistributor.mark_missing``)."""
-    return reply.has_error() and MISSING_FROZEN in str(reply.error.reason or "")
+    return reply.has_error() and int(reply.error.code) == wire.MISSING_FROZEN_CODE
 
 
 # ---------------------------------------------------------------- evaluation replies
-EVAL_METRICS = ("dice", "dice_pooled", "hd95")
+EVAL_METRICS = wire.EVAL_METRICS
 
 
 def eval_reply_content(summary: Mapping[str, Mapping[str, float]], class_names: Sequence[str],
@@ -314,7 +311,7 @@ def eval_reply_content(summary: Mapping[str, Mapping[str, float]], class_names: 
     content = RecordDict({METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: int(num_examples)})})
     for metric in EVAL_METRICS:
         per_class = {c: v[metric] for c, v in summary.items() if metric in v}
-        content[f"eval.{metric}"] = metrics_to_record(pack_site_metrics(per_class, class_names, metric=metric))
+        content[wire.eval_record(metric)] = metrics_to_record(pack_site_metrics(per_class, class_names, metric=metric))
     return content
 
 
@@ -322,10 +319,87 @@ def eval_reply_summary(content: RecordDict, class_names: Sequence[str]) -> dict[
     """Inverse of ``eval_reply_content``: ``{class: {metric: value}}`` for the classes the site scored."""
     out: dict[str, dict[str, float]] = {}
     for metric in EVAL_METRICS:
-        key = f"eval.{metric}"
+        key = wire.eval_record(metric)
         if key not in content.metric_records:
             continue
         flat = record_to_metrics(content.metric_records[key])
         for c, v in unpack_site_metrics(flat, class_names, metric=metric).items():
             out.setdefault(c, {})[metric] = v
     return out
+
+
+# ---------------------------------------------------------------- the round's messages over Flower
+class FlowerTransport:
+    """The round protocol's transport over Flower's Grid (:mod:`fedtextseg.federation.rounds`): one train and one
+    evaluate message per node, each with the global arrays, the round config and (to nodes that lack them) the
+    frozen parts. Replies become :class:`SiteUpdate` objects; an error reply, a malformed reply or no reply within
+    the round's timeout is that site's failure; a node that lacks the frozen parts gets them resent next time."""
+
+    def __init__(self, grid):
+        self.grid = grid
+        self.names: dict[int, str] = {}  # node id -> site name, learned from replies (failures name the site)
+
+    def _name(self, node: int) -> str:
+        return self.names.get(node, f"node-{node}")
+
+    def _site_name(self, reply: Message) -> str:
+        if reply.has_content() and SITE_KEY in reply.content.config_records:
+            name = self.names[reply.metadata.src_node_id] = str(reply.content.config_records[SITE_KEY]["name"])
+            return name
+        return self._name(reply.metadata.src_node_id)
+
+    def messages(self, coord, round_: int, message_type: str) -> tuple[list[Message], dict[int, int]]:
+        """One message per node of the grid, and its size in bytes."""
+        messages, sizes = [], {}
+        for node in sorted(self.grid.get_node_ids()):
+            content = RecordDict({ARRAYS_KEY: arrays_to_record(coord.global_arrays),
+                                  CONFIG_KEY: config_to_record(coord.round_config(round_))})
+            attach_frozen(content, coord.frozen.content_hash, coord.frozen_payload(node))
+            sizes[node] = record_nbytes(content)
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+        return messages, sizes
+
+    def _error(self, coord, reply: Message) -> str:
+        if is_missing_frozen(reply):
+            coord.distributor.mark_missing(reply.metadata.src_node_id)
+        return str(reply.error.reason)
+
+    def train(self, coord, round_: int, timeout: float):
+        from flwr.app import MessageType
+
+        from fedtextseg.federation.rounds import TrainRound
+
+        messages, sent = self.messages(coord, round_, MessageType.TRAIN)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        out = TrainRound(bytes_sent={}, bytes_received={})
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                out.failures[self._name(node)] = self._error(coord, reply)
+                continue
+            site = self._site_name(reply)
+            try:
+                out.updates.append(content_to_site_update(reply.content, site))
+            except Exception as exc:  # a malformed reply excludes that site, not the round
+                out.failures[site] = str(exc)
+                continue
+            out.bytes_sent[site], out.bytes_received[site] = sent[node], record_nbytes(reply.content)
+        answered = {reply.metadata.src_node_id for reply in replies}
+        for node in sorted({m.metadata.dst_node_id for m in messages} - answered):  # crashed, hung or offline
+            out.failures[self._name(node)] = f"no reply within {timeout:.0f}s (federation.round_timeout)"
+        return out
+
+    def evaluate(self, coord, round_: int, timeout: float):
+        from flwr.app import MessageType
+
+        from fedtextseg.federation.rounds import EvalReply
+
+        messages, _ = self.messages(coord, round_, MessageType.EVALUATE)
+        out = []
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+            if reply.has_error():
+                out.append(EvalReply(self._name(reply.metadata.src_node_id), failure=self._error(coord, reply)))
+            else:
+                out.append(EvalReply(self._site_name(reply),
+                                     summary=eval_reply_summary(reply.content, coord.bank.class_names)))
+        return out

@@ -76,9 +76,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def build_param_groups(model: nn.Module, *, frozen_common: Callable[[str], bool], per_class: Mapping[str, int],
-                       local: Callable[[str], bool] = lambda name: False) -> ParamGroups:
-    """Classify every state-dict entry: frozen_common, else per_class (by exact name), else local, else shared."""
+                       shared: Callable[[str], bool], local: Callable[[str], bool] = lambda name: False) -> ParamGroups:
+    """Classify every state-dict entry: frozen_common, else per_class (by exact name), else local, else shared.
+
+    An entry none of them claims is an error naming it: a module added to a model without saying how the
+    federation treats it is never sent (or kept) by default."""
     groups = ParamGroups()
+    unclaimed = []
     for name in unwrap(model).state_dict().keys():
         if frozen_common(name):
             groups.frozen_common.append(name)
@@ -86,8 +90,15 @@ def build_param_groups(model: nn.Module, *, frozen_common: Callable[[str], bool]
             groups.per_class[name] = int(per_class[name])
         elif local(name):
             groups.local.append(name)
-        else:
+        elif shared(name):
             groups.shared.append(name)
+        else:
+            unclaimed.append(name)
+    if unclaimed:
+        more = f" (+{len(unclaimed) - 8} more)" if len(unclaimed) > 8 else ""
+        raise FedTextSegError(f"{type(unwrap(model)).__name__}.param_groups(): {', '.join(unclaimed[:8])}{more} "
+                              "match(es) no parameter group; say whether each is shared, per_class, frozen_common or "
+                              "local")
     return groups
 
 

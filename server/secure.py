@@ -11,8 +11,9 @@ Per round:
    ClientApp trains and replies in Flower's legacy ``fitres`` format with its encoded update
    (:func:`fedtextseg.privacy.secure.encode_update`) and weight; ``secaggplus_mod`` quantises and masks it. The
    server only ever holds masked vectors and, after unmasking, their weighted mean;
-3. :func:`fedtextseg.privacy.secure.finish_secure_round` decodes the mean (group-wise, class-aware), steps the
-   server optimiser and records the round, including each site's privacy metrics (which travel in the clear).
+3. the round protocol's coordinator (``Coordinator.finish_secure_round``) decodes the mean (group-wise,
+   class-aware), steps the server optimiser and records the round, including each site's privacy metrics (which
+   travel in the clear). Evaluation, the unseen hospital and checkpoints are the plain Flower transport's.
 
 Dropouts are handled by SecAgg+ itself (shares of a dropped node's keys reconstruct its masks) as long as
 ``reconstruction_threshold`` nodes stay.
@@ -28,12 +29,14 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.serverapp import Grid
 
-from fedtextseg.flower_adapter import attach_frozen, is_missing_frozen
-from fedtextseg.privacy.secure import check_secure_config, finish_secure_round
+from fedtextseg import wire
+from fedtextseg.federation.rounds import SecureAggregate, TrainRound
+from fedtextseg.flower_adapter import FlowerTransport, attach_frozen, is_missing_frozen
+from fedtextseg.privacy.secure import check_secure_config
 
-__all__ = ["SecureRounds", "SECURE_FLAG"]
+__all__ = ["SecureFlowerTransport", "SECURE_FLAG"]
 
-SECURE_FLAG = "secure-aggregation"
+SECURE_FLAG = wire.SECURE_FLAG
 
 
 def _strategy_class():
@@ -71,12 +74,13 @@ def _strategy_class():
     return RoundStrategy
 
 
-class SecureRounds:
-    """Runs the training part of each round with SecAgg+; evaluation and checkpoints stay as they are."""
+class SecureFlowerTransport(FlowerTransport):
+    """The Flower transport whose training half is a SecAgg+ round; evaluation is the plain transport's."""
 
-    def __init__(self, coord, grid: Grid, context: Context, timeout: float):
+    def __init__(self, coord, grid: Grid, context: Context):
+        super().__init__(grid)
         check_secure_config(coord.cfg)
-        self.coord, self.grid, self.context, self.timeout = coord, grid, context, timeout
+        self.context = context
         opts = dict(coord.cfg.privacy.get("secagg") or {})
         self.clip = float(opts.get("clipping_range", 1.0))
         self.shares = opts.get("num_shares", 1.0)
@@ -84,27 +88,29 @@ class SecureRounds:
         self.quantization = int(opts.get("quantization_range", 2 ** 22))
         self.sites: dict[int, dict[str, Any]] = {}
 
-    def prepare(self, round_: int) -> dict[int, str]:
+    def prepare(self, coord, round_: int, timeout: float) -> dict[str, str]:
         """Frozen parts to nodes that lack them; each node's site name/task/annotations/example count."""
-        coord, failures = self.coord, {}
+        failures = {}
         messages = []
         for node in sorted(self.grid.get_node_ids()):
-            content = RecordDict({"config": ConfigRecord({"round": int(round_), SECURE_FLAG: "prepare"})})
+            content = RecordDict({wire.CONFIG: ConfigRecord({wire.ROUND: int(round_),
+                                                             SECURE_FLAG: wire.SECURE_PREPARE})})
             attach_frozen(content, coord.frozen.content_hash, coord.frozen_payload(node))
             messages.append(Message(content=content, message_type=MessageType.QUERY, dst_node_id=node))
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 if is_missing_frozen(reply):
                     coord.distributor.mark_missing(node)
                 failures[f"node-{node}"] = f"prepare: {reply.error.reason}"
                 continue
-            site = reply.content.config_records["site"]
+            site = reply.content.config_records[wire.SITE]
             self.sites[node] = {"name": str(site["name"]), "annotated": [c for c in site.get("annotated", []) if c],
-                                "train-volumes": int(site.get("train-volumes", 1))}
+                                wire.TRAIN_VOLUMES: int(site.get(wire.TRAIN_VOLUMES, 1))}
+            self.names[node] = str(site["name"])
         return failures
 
-    def train_round(self, round_: int) -> dict[str, Any]:
+    def train(self, coord, round_: int, timeout: float) -> TrainRound:
         from flwr.server import ServerConfig
         from flwr.server.client_manager import SimpleClientManager
         from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -112,14 +118,14 @@ class SecureRounds:
         from flwr.server.workflow import SecAggPlusWorkflow
         from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-        coord = self.coord
-        failures = self.prepare(round_)
+        failures = self.prepare(coord, round_, timeout)
         ready = {n: s for n, s in self.sites.items() if f"node-{n}" not in failures}
         params = ndarrays_to_parameters([np.asarray(coord.global_arrays[k]) for k in coord.wire_names])
-        config = {**coord.round_config(round_), SECURE_FLAG: "secaggplus", "frozen-hash": coord.frozen.content_hash,
-                  "clipping-range": self.clip, "weighting": str(coord.cfg.federation.get("weighting", "examples")),
-                  "wire-groups": json.dumps({"shared": list(coord.groups.shared),
-                                             "per_class": {k: int(v) for k, v in coord.groups.per_class.items()}})}
+        config = {**coord.round_config(round_), SECURE_FLAG: wire.SECURE_TRAIN, wire.FROZEN_HASH: coord.frozen.content_hash,
+                  wire.CLIPPING_RANGE: self.clip,
+                  wire.WEIGHTING: str(coord.cfg.federation.get("weighting", "examples")),
+                  wire.WIRE_GROUPS: json.dumps({"shared": list(coord.groups.shared),
+                                                "per_class": {k: int(v) for k, v in coord.groups.per_class.items()}})}
         strategy = _strategy_class()(params, config)
         manager = SimpleClientManager()
         for node in ready:
@@ -130,10 +136,10 @@ class SecureRounds:
         from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
 
         legacy.state.array_records[MAIN_PARAMS_RECORD] = parameters_to_arrayrecord(params, keep_input=True)
-        max_weight = float(max([s["train-volumes"] for s in ready.values()] + [1]))
+        max_weight = float(max([s[wire.TRAIN_VOLUMES] for s in ready.values()] + [1]))
         workflow = SecAggPlusWorkflow(num_shares=self.shares, reconstruction_threshold=self.threshold,
                                       max_weight=max_weight, clipping_range=self.clip,
-                                      quantization_range=self.quantization, timeout=self.timeout)
+                                      quantization_range=self.quantization, timeout=timeout)
         mean = None
         if len(ready) < 2:
             failures["(secure aggregation)"] = f"SecAgg+ needs at least 2 sites, {len(ready)} ready"
@@ -151,4 +157,4 @@ class SecureRounds:
         for exc in strategy.failures:
             failures.setdefault("(secure aggregation)", str(exc))
         annotations = {s["name"]: s["annotated"] for s in ready.values()}
-        return finish_secure_round(coord, round_, mean, per_site, failures, annotations)
+        return TrainRound(failures=failures, secure=SecureAggregate(mean, per_site, annotations))

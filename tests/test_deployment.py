@@ -237,7 +237,7 @@ def test_client_local_state_survives_a_fresh_process(tmp_path, monkeypatch):
 
     import torch
 
-    from client import app as client_app
+    from fedtextseg.federation.site_state import load_local_state, local_state_file, save_local_state
     from fedtextseg.params import build_param_groups
 
     monkeypatch.setenv("FEDTEXTSEG_CACHE", str(tmp_path))
@@ -245,7 +245,7 @@ def test_client_local_state_survives_a_fresh_process(tmp_path, monkeypatch):
     def runner():
         model = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1), torch.nn.InstanceNorm3d(2, affine=True))
         model.param_groups = lambda: build_param_groups(model, frozen_common=lambda n: False, per_class={},
-                                                        local=lambda n: n.startswith("1."))
+                                                        local=lambda n: n.startswith("1."), shared=lambda n: True)
         merge = lambda arrays: model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()},
                                                      strict=False)
         return types.SimpleNamespace(model=model, site=types.SimpleNamespace(name="site a"), load_global=merge)
@@ -254,18 +254,18 @@ def test_client_local_state_survives_a_fresh_process(tmp_path, monkeypatch):
     trained = runner()
     with torch.no_grad():
         trained.model[1].weight.fill_(3.0)
-    client_app._save_local_state(ctx, trained)
-    assert client_app._local_state_file(ctx, trained).parent.parent == tmp_path / "site-state"
+    save_local_state(trained, ctx.run_config["run-name"], ctx.run_id)
+    assert local_state_file(trained, ctx.run_config["run-name"]).parent.parent == tmp_path / "site-state"
 
     fresh = runner()  # the next message's process: same run
-    client_app._load_local_state(ctx, fresh)
+    load_local_state(fresh, ctx.run_config["run-name"], ctx.run_id)
     assert torch.equal(fresh.model[1].weight, torch.full((2,), 3.0))
     other = types.SimpleNamespace(run_id=7, run_config={"run-name": "study/1"})  # a new run reusing the name
     fresh = runner()
-    client_app._load_local_state(other, fresh)
+    load_local_state(fresh, other.run_config["run-name"], other.run_id)
     assert torch.equal(fresh.model[1].weight, torch.ones(2))
     other.run_config["resume"] = True  # ... resuming it continues the local state
-    client_app._load_local_state(other, fresh)
+    load_local_state(fresh, other.run_config["run-name"], other.run_id, resume=other.run_config["resume"])
     assert torch.equal(fresh.model[1].weight, torch.full((2,), 3.0))
 
 

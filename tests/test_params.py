@@ -122,3 +122,14 @@ def test_helpers_see_through_an_opacus_wrapper():
     assert split_state_dict(wrapped)["per_class"].keys() == split_state_dict(model)["per_class"].keys()
     check_groups(wrapped)
     assert count_params(wrapped) == count_params(model)
+
+
+def test_a_parameter_no_group_claims_is_an_error_not_silently_shared():
+    from fedtextseg.params import build_param_groups
+
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1), torch.nn.Conv3d(2, 2, 1))
+    groups = build_param_groups(model, frozen_common=lambda n: False, per_class={}, shared=lambda n: True)
+    assert groups.shared == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    with pytest.raises(FedTextSegError, match=r"Sequential.param_groups\(\): 1.weight, 1.bias match\(es\) no "
+                                              r"parameter group"):
+        build_param_groups(model, frozen_common=lambda n: False, per_class={}, shared=lambda n: n.startswith("0."))

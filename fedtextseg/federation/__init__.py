@@ -28,11 +28,12 @@ from fedtextseg.federation.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from fedtextseg.federation.frozen import MISSING_FROZEN, FrozenBundle, FrozenCache, FrozenDistributor, content_hash
+from fedtextseg.federation.frozen import (MISSING_FROZEN, FrozenBundle, FrozenCache, FrozenDistributor,
+                                         MissingFrozenError, content_hash)
 from fedtextseg.federation.server_opt import OPTIMIZERS, ServerOptimizer, make_server_optimizer
 
 __all__ = [
-    "MISSING_FROZEN", "OPTIMIZERS", "Checkpoint", "FrozenBundle", "FrozenCache", "FrozenDistributor", "Groups",
+    "MISSING_FROZEN", "MissingFrozenError", "OPTIMIZERS", "Checkpoint", "FrozenBundle", "FrozenCache", "FrozenDistributor", "Groups",
     "ServerOptimizer", "SiteUpdate", "aggregate", "as_groups", "capture_rng_state", "class_coverage",
     "content_hash", "infer_num_classes", "list_checkpoints", "load_checkpoint", "load_latest",
     "make_server_optimizer", "restore_rng_state", "save_checkpoint", "screen_updates", "validate_update",

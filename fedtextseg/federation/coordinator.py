@@ -1,9 +1,9 @@
 """The server's side of a federated run, without Flower: global state, rounds, records, checkpoints, resume.
 
-``server/app.py`` is the Flower glue: it turns :meth:`Coordinator.train_content` into messages, replies into
-:class:`SiteUpdate` objects, and calls :meth:`Coordinator.finish_train_round` / :meth:`record_site_eval`. Everything a
-round decides (which sites count, how groups are aggregated, what is logged, what a checkpoint holds) is here, so
-it is tested without a SuperLink.
+Rounds are run by :func:`fedtextseg.federation.rounds.run_rounds` through a transport (in-process, Flower, SecAgg+
+over Flower), which hands each round's replies to :meth:`Coordinator.finish_round`. Everything a round decides
+(which sites count, how groups are aggregated, what is logged, what a checkpoint holds) is here, once for every
+transport, so it is tested without a SuperLink.
 
 What crosses the wire per round: the *shared* and *per-class* arrays (``wire_arrays``); the *frozen common* arrays
 (pretrained DINOv2/CLIP weights + text bank) go to each node once, by content hash (:class:`FrozenDistributor`);
@@ -15,20 +15,24 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from fedtextseg import wire
 from fedtextseg.federation.aggregation import SiteUpdate, aggregate, class_coverage, screen_updates
 from fedtextseg.federation.checkpoint import load_latest, save_checkpoint
 from fedtextseg.federation.frozen import FrozenBundle, FrozenDistributor
 from fedtextseg.federation.identity import model_identity
+from fedtextseg.federation.rounds import SecureAggregate, TrainRound
 from fedtextseg.federation.server_opt import make_server_optimizer
 from fedtextseg.metrics import mean_over_classes
-from fedtextseg.params import count_params, merge_into
+from fedtextseg.params import check_groups, count_params, merge_into
 from fedtextseg.preflight import preflight
+from fedtextseg.privacy.secure import decode_mean
 from fedtextseg.privacy.server import record_privacy, run_key_for, split_declined
 from fedtextseg.runtime import build_model, prepare_bank
 from fedtextseg.tracking import RunRecorder, dice_table, environment_info, format_table, read_metrics
@@ -55,7 +59,7 @@ class Coordinator:
         np.random.seed(int(cfg.run.seed))
         self.bank = prepare_bank(cfg, log_fn=log_fn)
         self.model = build_model(cfg, self.bank)
-        self.groups = self.model.param_groups()
+        self.groups = check_groups(self.model)  # every entry in exactly one group, per-class axes of the classes
         state = self.model.state_dict()
         self.wire_names = list(self.groups.shared) + list(self.groups.per_class)
         self.global_arrays = {k: state[k].detach().cpu().numpy().copy() for k in self.wire_names}
@@ -115,9 +119,9 @@ class Coordinator:
 
     # ------------------------------------------------------------------ round protocol
     def round_config(self, round_: int) -> dict[str, Any]:
-        return {"round": int(round_), "total-rounds": self.total_rounds,
-                "prox-mu": float(self.cfg.federation.get("prox_mu", 0.0) or 0.0),
-                "run-key": run_key_for(self.recorder)}  # names the sites' privacy ledgers (kept on resume)
+        return {wire.ROUND: int(round_), wire.TOTAL_ROUNDS: self.total_rounds,
+                wire.PROX_MU: float(self.cfg.federation.get("prox_mu", 0.0) or 0.0),
+                wire.RUN_KEY: run_key_for(self.recorder)}  # names the sites' privacy ledgers (kept on resume)
 
     def round_timeout(self, round_: int) -> float:
         """Seconds to wait for the sites' replies: ``federation.first_round_timeout`` (when set) for the first round
@@ -131,49 +135,92 @@ class Coordinator:
     def frozen_payload(self, node_id: Any) -> FrozenBundle | None:
         return self.distributor.payload_for(node_id)
 
+    def finish_round(self, round_: int, trained: TrainRound) -> RoundOutcome:
+        """The round's end, whatever the transport brought: updates in the clear, or their secure sum."""
+        if trained.secure is not None:
+            return self.finish_secure_round(round_, trained.secure, trained.failures)
+        return self.finish_train_round(round_, trained.updates, trained.failures, trained.bytes_sent,
+                                       trained.bytes_received)
+
     def finish_train_round(self, round_: int, updates: list[SiteUpdate], failures: Mapping[str, str],
                            bytes_sent: Mapping[str, int] | None = None,
                            bytes_received: Mapping[str, int] | None = None) -> RoundOutcome:
         """Screen replies, aggregate group-wise (class-aware rows), step the server optimiser, record."""
         failures = dict(failures)
-        record_privacy(self.recorder, round_, updates)  # "privacy" rows + privacy.json (fedtextseg.privacy)
-        updates, declined = split_declined(updates)  # budget exhausted: nothing to aggregate, the run goes on
-        failures.update(declined)
+        updates = self._without_declined(round_, updates, failures)
         fed = self.cfg.federation
         good, bad = screen_updates(self.global_arrays, updates, self.groups, expected_identity=self.identity,
                                    outlier_factor=fed.get("outlier_factor"), max_update_norm=fed.get("max_update_norm"))
         for node, problems in bad.items():
             failures[node] = "; ".join(problems)
-        outcome = RoundOutcome(round=round_, sites=[u.node for u in good], excluded=failures)
-        min_sites = int(self.cfg.federation.get("min_sites", 1) or 1)
-        if len(good) < min_sites:
-            outcome["aggregated"] = False
+        min_sites = self._min_sites()
+        aggregated = len(good) >= min_sites
+        if aggregated:
+            weighting = self.cfg.federation.get("weighting", "examples")
+            agg = aggregate(self.global_arrays, good, self.groups, rule=self.cfg.federation.get("robust") or "mean",
+                            weighting=weighting)
+            coverage = class_coverage(good, len(self.bank.class_names), weighting=weighting)
+            self.global_arrays = self.server_opt.step(self.global_arrays, agg, self.groups, coverage)
+        else:
             self.log_fn(f"round {round_}: only {len(good)} usable replies (< min_sites={min_sites}); "
                         f"global model unchanged. Excluded: {failures}")
-        else:
-            robust = self.cfg.federation.get("robust")
-            agg = aggregate(self.global_arrays, good, self.groups, rule=robust or "mean",
-                            weighting=self.cfg.federation.get("weighting", "examples"))
-            num_classes = len(self.bank.class_names)
-            coverage = class_coverage(good, num_classes, weighting=self.cfg.federation.get("weighting", "examples"))
+        sent, received = bytes_sent or {}, bytes_received or {}
+        losses = [u.metrics.get("train_loss") for u in good if "train_loss" in u.metrics]
+        return self._record_round(
+            round_, [(u.node, u.num_examples, u.metrics) for u in good], failures, aggregated,
+            annotations={u.node: [c for c, a in zip(self.bank.class_names, u.annotated) if a] for u in good},
+            train_extra={u.node: {"bytes_sent": sent.get(u.node), "bytes_received": received.get(u.node)}
+                         for u in good},
+            round_extra={"bytes_sent": int(sum(sent.values())), "bytes_received": int(sum(received.values()))},
+            headline=f"{len(good)} sites aggregated" + (f", mean train loss {np.mean(losses):.4f}" if losses else ""))
+
+    def finish_secure_round(self, round_: int, secure: SecureAggregate, failures: Mapping[str, str]) -> RoundOutcome:
+        """The round's end when only the secure sum of the updates arrived: decode it, step, record. The sites'
+        weights and metrics (not their arrays) travel in the clear."""
+        failures = dict(failures)
+        replies = [SimpleNamespace(node=s, num_examples=int(n), metrics=dict(m)) for s, (n, m) in secure.per_site.items()]
+        used = [r for r in self._without_declined(round_, replies, failures) if r.num_examples > 0]
+        min_sites = self._min_sites()
+        aggregated = secure.mean is not None and len(used) >= max(1, min_sites)
+        if aggregated:
+            agg, coverage = decode_mean(self.global_arrays, secure.mean, self.groups)
             self.global_arrays = self.server_opt.step(self.global_arrays, agg, self.groups, coverage)
-            outcome["aggregated"] = True
-        for u in good:
-            names = [c for c, a in zip(self.bank.class_names, u.annotated) if a]
-            self.site_annotations[u.node] = names
-            self.recorder.log("train", round_, site=u.node, num_examples=u.num_examples,
-                              bytes_sent=(bytes_sent or {}).get(u.node), bytes_received=(bytes_received or {}).get(u.node),
-                              **{k: v for k, v in u.metrics.items() if isinstance(v, (int, float))})
+        else:
+            self.log_fn(f"round {round_}: secure aggregate of {len(used)} site(s) (< min_sites={min_sites}) or none; "
+                        f"global model unchanged. Excluded: {failures}")
+        return self._record_round(
+            round_, [(r.node, r.num_examples, r.metrics) for r in used], failures, aggregated,
+            annotations={r.node: list(secure.annotations[r.node]) for r in used if r.node in secure.annotations},
+            round_extra={"secure_aggregation": "secaggplus"},
+            headline=f"secure aggregate (SecAgg+) of {len(used)} site(s)")
+
+    def _min_sites(self) -> int:
+        return int(self.cfg.federation.get("min_sites", 1) or 1)
+
+    def _without_declined(self, round_: int, replies: list, failures: dict[str, str]) -> list:
+        """Record the sites' privacy metrics ("privacy" rows, privacy.json); the replies of sites whose budget is
+        spent become failures (nothing to aggregate, the run goes on)."""
+        record_privacy(self.recorder, round_, replies)
+        kept, declined = split_declined(replies)
+        failures.update(declined)
+        return kept
+
+    def _record_round(self, round_: int, used: list[tuple[str, int, Mapping[str, Any]]], failures: Mapping[str, str],
+                      aggregated: bool, *, annotations: Mapping[str, list[str]], headline: str,
+                      train_extra: Mapping[str, Mapping[str, Any]] | None = None,
+                      round_extra: Mapping[str, Any] | None = None) -> RoundOutcome:
+        """The records every round writes: a train row per used site, a failure row per excluded one, a round row."""
+        self.site_annotations.update({node: list(names) for node, names in annotations.items()})
+        for node, num_examples, metrics in used:
+            self.recorder.log("train", round_, site=node, num_examples=num_examples,
+                              **dict((train_extra or {}).get(node, {})),
+                              **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         for node, why in failures.items():
             self.recorder.log("failure", round_, site=node, reason=why)
-        self.recorder.log("round", round_, sites=len(good), excluded=len(failures), aggregated=outcome["aggregated"],
-                          bytes_sent=int(sum((bytes_sent or {}).values())),
-                          bytes_received=int(sum((bytes_received or {}).values())))
-        losses = [u.metrics.get("train_loss") for u in good if "train_loss" in u.metrics]
-        self.log_fn(f"round {round_}/{self.total_rounds}: {len(good)} sites aggregated"
-                    + (f", mean train loss {np.mean(losses):.4f}" if losses else "")
-                    + (f", excluded {failures}" if failures else ""))
-        return outcome
+        self.recorder.log("round", round_, sites=len(used), excluded=len(failures), aggregated=aggregated,
+                          **dict(round_extra or {}))
+        self.log_fn(f"round {round_}/{self.total_rounds}: {headline}" + (f", excluded {failures}" if failures else ""))
+        return RoundOutcome(round=round_, sites=[node for node, _, _ in used], excluded=failures, aggregated=aggregated)
 
     def record_site_eval(self, round_: int, site: str, per_class: Mapping[str, Mapping[str, float]]) -> None:
         self.recorder.log_per_class("site_eval", round_, site, per_class)

@@ -27,10 +27,18 @@ import numpy as np
 
 from fedtextseg.errors import FedTextSegError
 from fedtextseg.federation.checkpoint import byte_view, c_order, read_archive, write_archive
+from fedtextseg.wire import MISSING_FROZEN
 
 log = logging.getLogger(__name__)
 
-MISSING_FROZEN = "missing-frozen"  # what a client replies when it lacks the announced bundle
+class MissingFrozenError(FedTextSegError):
+    """A site was told the frozen bundle ``content_hash`` but has neither received nor cached it; it answers with
+    :func:`fedtextseg.flower_adapter.missing_frozen_error` and the server resends the bundle
+    (:meth:`FrozenDistributor.mark_missing`)."""
+
+    def __init__(self, content_hash: str):
+        self.content_hash = str(content_hash)
+        super().__init__(f"{MISSING_FROZEN}: frozen bundle {content_hash} was not sent and is not in the local cache")
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -25,17 +25,18 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from fedtextseg import wire
 from fedtextseg.federation.frozen import content_hash
 
 __all__ = ["IDENTITY_KEYS", "model_identity", "identity_problems"]
 
-IDENTITY_KEYS = ("model", "model-arch", "frozen-hash", "bank-hash", "fedtextseg-version")
+IDENTITY_KEYS = wire.IDENTITY_KEYS
 _BANK_SUFFIXES = ("class_embeddings", "task_embeddings")
 
 _WHAT = {
     "model": ("model", "run the model the run uses (model=... in the run config)"),
     "model-arch": ("model architecture", "use the run's model config (no site-side model overrides)"),
-    "frozen-hash": ("frozen bundle (pretrained weights + text bank)",
+    wire.IDENTITY_FROZEN_HASH: ("frozen bundle (pretrained weights + text bank)",
                     "clear the site's frozen cache so it receives the run's bundle again"),
     "bank-hash": ("text-embedding bank", "use the run's embedding bank (text.bank=...)"),
     "fedtextseg-version": ("fedtextseg version", "install the server's fedtextseg version at the site"),
@@ -54,7 +55,7 @@ def model_identity(model_name: str, model: Any) -> dict[str, str]:
     return {
         "model": str(model_name),
         "model-arch": hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16],
-        "frozen-hash": content_hash(frozen),
+        wire.IDENTITY_FROZEN_HASH: content_hash(frozen),
         "bank-hash": content_hash(bank) if bank else "none",
         "fedtextseg-version": str(__version__),
     }

@@ -322,7 +322,8 @@ class CDPDNet(nn.Module):
         local = norm_parameter_names(self, exclude_prefixes=("dino.",)) if self.config.local_norms else set()
         return build_param_groups(
             self, frozen_common=lambda n: n.startswith("dino.") or n in _TEXT_BUFFERS,
-            per_class={"head.residual.weight": 0, "head.residual.bias": 0}, local=local.__contains__)
+            per_class={"head.residual.weight": 0, "head.residual.bias": 0}, local=local.__contains__,
+            shared=lambda n: n.startswith(_SHARED_MODULES))
 
     def to(self, *args, **kwargs):
         """``nn.Module.to``; a ``memory_format`` applies to the 3D CNN only (the ViT's 2D weights cannot take it)."""
@@ -360,6 +361,9 @@ def coordinate_grid(start: Tensor, size: Sequence[int], volume_shape: Tensor, de
 
 
 _TEXT_BUFFERS = ("class_embeddings", "task_embeddings", "class_text_centre", "task_text_centre")
+# the trained modules every round aggregates (the head's controller too; its residual rows are per-class)
+_SHARED_MODULES = ("encoder.", "decoder.", "up.", "fusion.", "adaptors.", "adaptor_mix.", "films.", "ttpg.",
+                   "class_proj.", "task_proj.", "head.")
 
 
 def text_centre(embeddings: Tensor) -> Tensor:

@@ -304,7 +304,8 @@ class TGCNet(nn.Module):
         per_class (axis 0). Nothing is local."""
         params = dict(self.named_parameters())
         frozen = lambda n: n.startswith("clip.") and not (n in params and params[n].requires_grad)  # noqa: E731
-        return build_param_groups(self, frozen_common=frozen, per_class={"head.weight": 0, "head.bias": 0})
+        return build_param_groups(self, frozen_common=frozen, per_class={"head.weight": 0, "head.bias": 0},
+                                  shared=lambda n: n.startswith(_SHARED_MODULES))
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable vs total parameters, overall and for the CLIP towers (peft's count when LoRA is on)."""
@@ -317,6 +318,11 @@ class TGCNet(nn.Module):
             clip_trainable = sum(p.numel() for p in self.clip.parameters() if p.requires_grad)
         return {"total": total, "trainable": trainable, "clip_total": clip_total, "clip_trainable": clip_trainable,
                 "non_clip": total - clip_total}
+
+
+# trained modules aggregated every round (CLIP's trainable parameters too: LoRA or fine-tuned towers)
+_SHARED_MODULES = ("clip.", "stem.", "stages.", "adapters.", "img_embed.", "txt_embed.", "text_in.", "fuse.", "calib.",
+                   "ups.")
 
 
 # ----------------------------------------------------------------------------- named configurations

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Iterable, Mapping
 
+from fedtextseg import wire
 from fedtextseg.errors import FedTextSegError
 from fedtextseg.federation.identity import IDENTITY_KEYS
 
@@ -35,12 +36,12 @@ __all__ = ["AuditViolation", "audit_reply", "message_audit_mod", "TRAIN_METRIC_P
 
 log = logging.getLogger("fedtextseg.audit")
 
-ANNOTATED_KEY = "meta.annotated"
-NUM_EXAMPLES = "num-examples"
+ANNOTATED_KEY = wire.ANNOTATED
+NUM_EXAMPLES = wire.NUM_EXAMPLES
 TRAIN_METRIC_PREFIXES = ("train_", "privacy/")
 TRAIN_METRIC_NAMES = ("round_seconds",)
-EVAL_RECORDS = {"eval.dice": "dice", "eval.dice_pooled": "dice_pooled", "eval.hd95": "hd95"}
-SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
+EVAL_RECORDS = {wire.eval_record(m): m for m in wire.EVAL_METRICS}
+SECAGG_RECORD = wire.SECAGG_RECORD
 MAX_NAME = 200
 
 
@@ -79,7 +80,7 @@ def _site_config(record: Mapping[str, Any], allowed: Iterable[str], problems: li
         elif key == "annotated":  # class names (vocabulary words), as in site.yaml
             if not isinstance(value, list) or not all(isinstance(v, str) and len(v) <= MAX_NAME for v in value):
                 problems.append("config record 'site': 'annotated' must be a list of class names")
-        elif key == "train-volumes":  # the site's sample count, as num-examples
+        elif key == wire.TRAIN_VOLUMES:  # the site's sample count, as num-examples
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 problems.append("config record 'site': 'train-volumes' must be a non-negative int")
         elif not isinstance(value, str) or len(value) > MAX_NAME:
@@ -92,25 +93,25 @@ def _audit_query(content: Any, problems: list[str]) -> None:
         for name in _records(content, kind):
             problems.append(f"a query reply carries no {kind.split('_')[0]}s, got record '{name}'")
     for name, record in _records(content, "config_records").items():
-        if name == "site":
-            _site_config(record, ("name", "task", "annotated", "train-volumes"), problems)
+        if name == wire.SITE:
+            _site_config(record, ("name", "task", "annotated", wire.TRAIN_VOLUMES), problems)
         else:
             problems.append(f"config record '{name}' is not on the allow-list of a query reply")
 
 
 def _expected_arrays(incoming: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     records = _records(getattr(incoming, "content", None), "array_records")
-    if "arrays" not in records:
+    if wire.ARRAYS not in records:
         return {}
-    return {k: (tuple(int(s) for s in a.shape), str(a.dtype)) for k, a in records["arrays"].items()}
+    return {k: (tuple(int(s) for s in a.shape), str(a.dtype)) for k, a in records[wire.ARRAYS].items()}
 
 
 def _audit_train(content: Any, incoming: Any, problems: list[str]) -> None:
     arrays, metrics, configs = (_records(content, k) for k in ("array_records", "metric_records", "config_records"))
     secagg = SECAGG_RECORD in configs
-    allowed_arrays = {"fitres.parameters"} if secagg else {"arrays"}
-    allowed_metrics = {"fitres.metrics", "fitres.num_examples"} if secagg else {"metrics"}
-    allowed_configs = {"site", SECAGG_RECORD, "fitres.status", "fitres.metrics"} if secagg else {"site"}
+    allowed_arrays = {wire.LEGACY_REPLY_PARAMS} if secagg else {wire.ARRAYS}
+    allowed_metrics = {wire.LEGACY_METRICS, wire.LEGACY_NUM_EXAMPLES} if secagg else {wire.METRICS}
+    allowed_configs = {wire.SITE, SECAGG_RECORD, wire.LEGACY_STATUS, wire.LEGACY_METRICS} if secagg else {wire.SITE}
     for kind, got, allowed in (("array", arrays, allowed_arrays), ("metric", metrics, allowed_metrics),
                                ("config", configs, allowed_configs)):
         for name in got:
@@ -120,16 +121,16 @@ def _audit_train(content: Any, incoming: Any, problems: list[str]) -> None:
         for name, record in arrays.items():
             if len(record):
                 problems.append(f"SecAgg+ reply: array record '{name}' must be empty (arrays travel only masked)")
-        legacy = [(n, r) for n, r in configs.items() if n == "fitres.metrics"]  # legacy metrics: a ConfigRecord
+        legacy = [(n, r) for n, r in configs.items() if n == wire.LEGACY_METRICS]  # legacy metrics: a ConfigRecord
         for name, record in list(metrics.items()) + legacy:
             _scalar_metrics(name, record, lambda k: k == "num_examples" or _train_metric_ok(k), problems)
-        status = configs.get("fitres.status", {})
+        status = configs.get(wire.LEGACY_STATUS, {})
         for key, value in status.items():
             if key not in ("code", "message") or (isinstance(value, str) and len(value) > MAX_NAME):
                 problems.append(f"config record 'fitres.status': '{key}' is not on the allow-list")
-    elif "arrays" in arrays:
+    elif wire.ARRAYS in arrays:
         expected = _expected_arrays(incoming)
-        sent = {k: (tuple(int(s) for s in a.shape), str(a.dtype)) for k, a in arrays["arrays"].items()}
+        sent = {k: (tuple(int(s) for s in a.shape), str(a.dtype)) for k, a in arrays[wire.ARRAYS].items()}
         extra = sorted(set(sent) - set(expected) - {ANNOTATED_KEY})
         missing = sorted(set(expected) - set(sent))
         if extra:
@@ -150,8 +151,8 @@ def _audit_train(content: Any, incoming: Any, problems: list[str]) -> None:
         _scalar_metrics(name, record, _train_metric_ok, problems)
         if NUM_EXAMPLES not in record:
             problems.append(f"metric record '{name}' lacks '{NUM_EXAMPLES}'")
-    if "site" in configs:  # name, task and the model identity (fedtextseg.federation.identity)
-        _site_config(configs["site"], ("name", "task", *IDENTITY_KEYS), problems)
+    if wire.SITE in configs:  # name, task and the model identity (fedtextseg.federation.identity)
+        _site_config(configs[wire.SITE], ("name", "task", *IDENTITY_KEYS), problems)
 
 
 def _audit_evaluate(content: Any, problems: list[str]) -> None:
@@ -159,15 +160,15 @@ def _audit_evaluate(content: Any, problems: list[str]) -> None:
     for name in arrays:
         problems.append(f"an evaluate reply carries no arrays, got array record '{name}'")
     for name, record in metrics.items():
-        if name == "metrics":
+        if name == wire.METRICS:
             _scalar_metrics(name, record, lambda k: k == NUM_EXAMPLES, problems)
         elif name in EVAL_RECORDS:
             metric = EVAL_RECORDS[name]
-            _scalar_metrics(name, record, lambda k, m=metric: k.startswith((f"{m}/", "has/")), problems)
+            _scalar_metrics(name, record, lambda k, m=metric: k.startswith((f"{m}/", f"{wire.HAS_PREFIX}/")), problems)
         else:
             problems.append(f"metric record '{name}' is not on the allow-list of an evaluate reply")
     for name, record in configs.items():
-        if name == "site":
+        if name == wire.SITE:
             _site_config(record, ("name",), problems)
         else:
             problems.append(f"config record '{name}' is not on the allow-list of an evaluate reply")

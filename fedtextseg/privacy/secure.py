@@ -1,5 +1,5 @@
 """Group-wise, class-aware aggregation through a secure *sum*: the linear encoding that lets Flower's SecAgg+ carry
-fedtextseg's updates, and the server's side of such a round.
+fedtextseg's updates (the coordinator's ``finish_secure_round`` decodes it: one round protocol for every transport).
 
 SecAgg+ (``SecAggPlusWorkflow`` + ``secaggplus_mod``) reveals to the server only ``sum_i w_i x_i / sum_i w_i`` for
 one scalar weight ``w_i`` per site (its ``num_examples``) and one vector ``x_i`` per site. fedtextseg's FedAvg is
@@ -20,14 +20,13 @@ screening of an individual update (shape/NaN checks, per-site rejection): a site
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from fedtextseg.errors import ConfigError, FedTextSegError
 
-__all__ = ["encode_update", "decode_mean", "check_secure_config", "finish_secure_round", "secure_weight"]
+__all__ = ["encode_update", "decode_mean", "check_secure_config", "secure_weight"]
 
 
 def _wire(groups) -> tuple[list[str], dict[str, int]]:
@@ -93,40 +92,3 @@ def decode_mean(global_arrays: Mapping[str, np.ndarray], mean: Sequence[np.ndarr
             m = np.where(cov > eps, m / np.maximum(cov, eps), 0.0)
         out[k] = (ref.astype(np.float64) + m).astype(ref.dtype)
     return out, coverage > eps
-
-
-def finish_secure_round(coord, round_: int, mean: Sequence[np.ndarray] | None,
-                        per_site: Mapping[str, tuple[int, Mapping[str, Any]]], failures: Mapping[str, str],
-                        annotations: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
-    """The coordinator's round end when only the aggregate arrived: decode, server optimiser step, records.
-
-    ``per_site`` maps a site to (its SecAgg+ weight, its metrics); the metrics (not the arrays) travel in the clear.
-    """
-    from fedtextseg.privacy.server import record_privacy, split_declined
-
-    failures = dict(failures)
-    replies = [SimpleNamespace(node=s, num_examples=int(n), metrics=dict(m)) for s, (n, m) in per_site.items()]
-    record_privacy(coord.recorder, round_, replies)
-    _, declined = split_declined(replies)
-    failures.update(declined)
-    used = [r for r in replies if r.node not in declined and r.num_examples > 0]
-    min_sites = int(coord.cfg.federation.get("min_sites", 1) or 1)
-    aggregated = mean is not None and len(used) >= max(1, min_sites)
-    if aggregated:
-        agg, coverage = decode_mean(coord.global_arrays, mean, coord.groups)
-        coord.global_arrays = coord.server_opt.step(coord.global_arrays, agg, coord.groups, coverage)
-    else:
-        coord.log_fn(f"round {round_}: secure aggregate of {len(used)} site(s) (< min_sites={min_sites}) or none; "
-                     f"global model unchanged. Excluded: {failures}")
-    for r in used:
-        if annotations and r.node in annotations:
-            coord.site_annotations[r.node] = list(annotations[r.node])
-        coord.recorder.log("train", round_, site=r.node, num_examples=r.num_examples,
-                           **{k: v for k, v in r.metrics.items() if isinstance(v, (int, float))})
-    for node, why in failures.items():
-        coord.recorder.log("failure", round_, site=node, reason=why)
-    coord.recorder.log("round", round_, sites=len(used), excluded=len(failures), aggregated=aggregated,
-                       secure_aggregation="secaggplus")
-    coord.log_fn(f"round {round_}/{coord.total_rounds}: secure aggregate (SecAgg+) of {len(used)} site(s)"
-                 + (f", excluded {failures}" if failures else ""))
-    return {"round": round_, "sites": [r.node for r in used], "excluded": failures, "aggregated": aggregated}

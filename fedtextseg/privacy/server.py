@@ -24,10 +24,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from fedtextseg import wire
+
 __all__ = ["split_declined", "privacy_rows", "record_privacy", "write_privacy_ledger", "run_key_for",
            "RUN_KEY_CONFIG"]
 
-RUN_KEY_CONFIG = "run-key"
+RUN_KEY_CONFIG = wire.RUN_KEY
 _PREFIX = "privacy/"
 _FIELDS = {"epsilon": "epsilon", "delta": "delta", "noise_multiplier": "noise_multiplier", "steps": "steps",
            "declined": "declined", "rounds": "rounds_trained", "sample_rate": "sample_rate",
