@@ -39,6 +39,7 @@ __all__ = [
     "prepare_model",
     "make_optimizer",
     "TrainStats",
+    "Microbatching",
     "train_steps",
     "predict_logits",
     "evaluate",
@@ -181,6 +182,38 @@ def _proximal_term(model: nn.Module, reference: Mapping[str, torch.Tensor]) -> t
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
+class Microbatching:
+    """How one optimizer step is split into parts, each with its own forward and backward pass (DP-SGD's per-patient
+    micro-batches, :mod:`fedtextseg.privacy.dpsgd`): ``split`` cuts a batch into parts (none: a step that only
+    moves by what the optimizer adds, e.g. noise), ``collect`` runs after each part's backward pass."""
+
+    def split(self, batch: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        raise NotImplementedError
+
+    def collect(self) -> None:
+        raise NotImplementedError
+
+
+def _batch_loss(model, batch, loss_fn, device, precision, teacher, distill_fn, distill_weight, prox_mu, ref):
+    """The training objective of one batch (or one micro-batch): loss + auxiliary + distillation + FedProx."""
+    with autocast(device, precision):
+        out = model.forward_batch(batch)
+        logits = out["logits"].float()  # the loss's sums over whole patches stay in float32 under bf16 autocast
+        unknown = _unknown_voxels(batch)
+        loss = loss_fn(logits, batch["label"], batch["annotated"], **unknown)
+        if out.get("aux_loss") is not None:
+            loss = loss + out["aux_loss"]
+        if teacher is not None and distill_fn is not None and distill_weight > 0:
+            with torch.no_grad():
+                teacher_logits = teacher.forward_batch(batch)["logits"]
+            loss = loss + distill_weight * distill_fn(
+                logits, teacher_logits.float(), batch["label"], batch["annotated"], **unknown
+            )
+    if ref is not None:
+        loss = loss + 0.5 * prox_mu * _proximal_term(model, ref)
+    return loss
+
+
 def train_steps(
     model: nn.Module,
     loader: Iterable,
@@ -196,6 +229,7 @@ def train_steps(
     teacher: nn.Module | None = None,
     distill_fn: Callable | None = None,
     distill_weight: float = 0.0,
+    microbatching: Microbatching | None = None,
     log_every: int = 0,
     label: str = "train",
     step_hook: Callable[[int, float], None] | None = None,
@@ -203,7 +237,8 @@ def train_steps(
     """Run ``steps`` optimizer steps over ``loader`` (cycled).
 
     ``prox_mu``/``prox_reference``: FedProx's proximal term to the round's global weights. ``teacher`` +
-    ``distill_fn``: distillation of unannotated classes from the global model (ConDistFL). Progress is logged
+    ``distill_fn``: distillation of unannotated classes from the global model (ConDistFL). ``microbatching``: each
+    step's batch in parts with a backward pass each (the logged loss is their row-weighted mean). Progress is logged
     every ``log_every`` steps (0: once at the end) so client logs stay readable.
     """
     device = resolve_device(device)
@@ -216,31 +251,25 @@ def train_steps(
     ref = {k: v.to(device) for k, v in (prox_reference or {}).items()} if prox_mu > 0 else None
     for step in range(1, steps + 1):
         batch = move_batch(next(batches), device)
+        rows = int(batch["image"].shape[0])
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            out = model.forward_batch(batch)
-            logits = out["logits"].float()  # the loss's sums over whole patches stay in float32 under bf16 autocast
-            unknown = _unknown_voxels(batch)
-            loss = loss_fn(logits, batch["label"], batch["annotated"], **unknown)
-            if out.get("aux_loss") is not None:
-                loss = loss + out["aux_loss"]
-            if teacher is not None and distill_fn is not None and distill_weight > 0:
-                with torch.no_grad():
-                    teacher_logits = teacher.forward_batch(batch)["logits"]
-                loss = loss + distill_weight * distill_fn(
-                    logits, teacher_logits.float(), batch["label"], batch["annotated"], **unknown
-                )
-        if ref is not None:
-            loss = loss + 0.5 * prox_mu * _proximal_term(model, ref)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{label}: non-finite loss at step {step} ({loss.item()})")
-        loss.backward()
+        parts = microbatching.split(batch) if microbatching is not None else [batch]
+        value = 0.0
+        for part in parts:
+            loss = _batch_loss(model, part, loss_fn, device, precision, teacher, distill_fn, distill_weight, prox_mu,
+                               ref)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{label}: non-finite loss at step {step} ({loss.item()})")
+            loss.backward()
+            if microbatching is not None:
+                microbatching.collect()
+            weight = 1.0 if len(parts) == 1 else int(part["image"].shape[0]) / rows
+            value += float(loss.detach()) * weight
         if grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
         optimizer.step()
-        value = float(loss.detach())
         stats.history.append(value)
-        stats.samples += int(batch["image"].shape[0])
+        stats.samples += rows
         if step_hook is not None:
             step_hook(step, value)
         if log_every and (step % log_every == 0 or step == steps):

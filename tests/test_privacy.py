@@ -76,15 +76,12 @@ def _volume_dataset(n_volumes: int, crops: int, seed: int = 0, model=None) -> li
 
 
 def _one_dp_step(model, dataset, loss_fn, mode, clip):
-    from fedtextseg import engine
-
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     parts = make_private(model, dataset, optimizer, loss_fn, noise_multiplier=0.0, max_grad_norm=clip,
                          sample_rate=1.0, steps=1, mode=mode, sampler_seed=0, noise_seed=0)
     try:
-        engine.train_steps(parts.model, parts.loader, loss_fn=parts.loss_fn, optimizer=parts.optimizer, steps=1,
-                           device="cpu", precision="fp32", grad_clip=None)
+        parts.train_steps(steps=1, device="cpu", precision="fp32")
     finally:
         parts.close()
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # hooks and attributes removed
@@ -122,13 +119,14 @@ def _sum(gs: list) -> dict:
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
-@pytest.mark.parametrize("mode", ["hooks", "fast"])
+@pytest.mark.parametrize("mode", ["microbatch", "hooks", "fast"])
 def test_dp_step_clips_per_volume_through_forward_batch(mode):
     """One DP-SGD step (no noise) = the clipped per-VOLUME gradients summed, over the expected batch size.
 
-    The loss couples samples (batch Dice): the per-sample wrapper must decompose it. hooks: a volume's gradient is
-    the mean over its crops, clipped to C; fast: each crop is clipped to C, the volume takes their mean (the CNN+text
-    model there, to keep the test short)."""
+    The loss couples samples (batch Dice): the per-sample wrapper must decompose it. microbatch and hooks: a
+    volume's gradient is the mean over its crops, clipped to C (microbatch from one pass per volume, hooks from
+    Opacus' per-sample gradients); fast: each crop is clipped to C, the volume takes their mean (the CNN+text model
+    there, to keep the test short)."""
     overrides = {} if mode == "hooks" else {"dino": {"enabled": False}}
     model = tiny_cdpdnet(**overrides)
     reference = tiny_cdpdnet(**overrides)
@@ -136,7 +134,7 @@ def test_dp_step_clips_per_volume_through_forward_batch(mode):
     dataset = _volume_dataset(n_volumes=2, crops=2, model=reference)
     crop_grads = _crop_grads(reference, dataset, loss_fn)
     clip = 0.5 * min(_norm(g) for v in crop_grads for g in v)  # every volume and crop gets clipped
-    if mode == "hooks":
+    if mode != "fast":
         volumes = [_scaled(_sum(v), 1 / len(v)) for v in crop_grads]
         volumes = [_scaled(g, min(1.0, clip / (_norm(g) + 1e-6))) for g in volumes]
     else:
@@ -151,7 +149,39 @@ def test_dp_step_clips_per_volume_through_forward_batch(mode):
     diff = _norm({k: got[k] - expected[k] for k in expected})
     # fast clipping computes per-crop norms from unfolded conv inputs in float32 and runs a second backward pass:
     # its clip factors agree to ~0.1 %, which sums to ~0.2 % over the model (torch 2.14 / Opacus 1.6)
-    assert diff < (1e-3 if mode == "hooks" else 5e-3) * _norm(expected)
+    assert diff < (1e-3 if mode != "fast" else 5e-3) * _norm(expected)
+
+
+def test_microbatch_mode_clips_the_whole_objective_at_the_runs_precision():
+    """microbatch: distillation and FedProx stay available, bf16 autocast stays on (the clipped values are the float32
+    parameter gradients), and the step still moves by at most C (no noise, SGD lr 1, every volume clipped)."""
+    import copy
+
+    from fedtextseg.losses import ConditionalDistillation
+
+    model = tiny_cdpdnet(dino={"enabled": False})
+    teacher = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    dataset = _volume_dataset(n_volumes=3, crops=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    clip = 1e-3
+    parts = make_private(model, dataset, optimizer, PartialLabelLoss("masked"), noise_multiplier=0.0,
+                         max_grad_norm=clip, sample_rate=1.0, steps=1, distill_fn=ConditionalDistillation(),
+                         teacher=teacher, prox_mu=0.0, sampler_seed=0, noise_seed=0)
+    assert parts.mode == "microbatch" and parts.model is model  # no Opacus wrapper, no hooks
+    try:
+        stats = parts.train_steps(steps=1, device="cpu", precision="bf16", distill_weight=1.0)
+    finally:
+        parts.close()
+    assert math.isfinite(stats.loss) and stats.samples == 6
+    moved = {n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    # 3 volumes, each clipped to C, summed and divided by the expected batch size (3): at most C, and every volume
+    # was clipped, so the step is a real one
+    assert 0.1 * clip < _norm(moved) <= clip * 1.0001
+    assert not any(hasattr(p, "grad_sample") or hasattr(p, "summed_grad") for p in model.parameters())
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
@@ -173,6 +203,9 @@ def test_per_sample_mean_decomposes_a_batch_coupled_loss():
     torch.testing.assert_close(wrapped(logits, target, annotated), torch.stack(single).mean())
     assert not torch.allclose(coupled(logits, target, annotated), torch.stack(single).mean())
     assert wrapped(logits[:0], target[:0], annotated[:0]).item() == 0.0
+    known = torch.rand(3, 1, 5, 5) > 0.3  # a site's ignored voxels are cut by row like the targets
+    single = [coupled(logits[i:i + 1], target[i:i + 1], annotated[i:i + 1], known=known[i:i + 1]) for i in range(3)]
+    torch.testing.assert_close(wrapped(logits, target, annotated, known=known), torch.stack(single).mean())
 
 
 # ----------------------------------------------------------------------------- accounting
@@ -341,20 +374,18 @@ def test_a_site_declines_instead_of_overspending(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
+@pytest.mark.parametrize("mode", ["microbatch", "hooks"])
 @pytest.mark.parametrize("sigma", [0.0, 1.0])
-def test_empty_poisson_batches_are_steps_with_noise_only(sigma):
-    from fedtextseg import engine
-
+def test_empty_poisson_batches_are_steps_with_noise_only(sigma, mode):
     runner = _toy_runner(n_volumes=8)
     model = runner.model
     before = model.lin.weight.detach().clone()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     parts = make_private(model, runner.data.train_ds, optimizer, PartialLabelLoss("masked"), noise_multiplier=sigma,
-                         max_grad_norm=1.0, sample_rate=1e-9, steps=2, sampler_seed=0, noise_seed=0)
+                         max_grad_norm=1.0, sample_rate=1e-9, steps=2, mode=mode, sampler_seed=0, noise_seed=0)
     assert all(len(b) == 0 for b in parts.loader.batch_sampler)  # Poisson sampling drew no volume at all
     try:
-        stats = engine.train_steps(parts.model, parts.loader, loss_fn=parts.loss_fn, optimizer=parts.optimizer,
-                                   steps=2, device="cpu", precision="fp32", grad_clip=None)
+        stats = parts.train_steps(steps=2, device="cpu", precision="fp32")
     finally:
         parts.close()
     assert stats.steps == 2 and stats.samples == 0

@@ -10,7 +10,14 @@ The engine stays the one training loop: :func:`make_private` hands it private re
 * **Per-sample gradients** come from Opacus' ``GradSampleModule`` hooks on the submodules (the wrapper's
   ``forward_batch`` calls the model's own ``forward_batch``, whose layers carry the hooks). Only trainable
   parameters get hooks; the frozen DINOv2 / CLIP parts and the text bank have ``requires_grad=False``.
-* ``grad_sample_mode="hooks"`` (default): per-patch gradients are materialised, summed per volume (mean over its
+* ``grad_sample_mode="microbatch"`` (default): a step's batch is cut into one micro-batch per sampled volume; each
+  gets its own forward and backward pass with plain autograd, and its gradient (the mean over its crops) becomes
+  one per-sample row of Opacus' ``DPOptimizer``, which clips it to ``C`` exactly, sums, noises and scales. No
+  per-sample gradient is derived from a batched pass, so a step costs about what the plain step costs at the
+  same crops (a few volumes per step, as at every site here), memory included; the run's precision (bf16 autocast
+  where the device has it) applies, because the clipped values are the float32 parameter gradients. Terms that
+  couple a batch's rows couple only one patient's crops here, which the clipping bounds.
+* ``"hooks"``: per-patch gradients are materialised, summed per volume (mean over its
   crops), clipped per volume to ``C`` exactly (``DPOptimizer``). ``"fast"``: Opacus' fast gradient clipping
   (``GradSampleModuleFastGradientClipping``: per-layer per-sample gradients reduced to norms at once, never stored
   for the whole model) with two backward passes; ``"ghost"``: the same with ghost norms for ``nn.Linear`` (no
@@ -37,10 +44,12 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from fedtextseg.engine import Microbatching
 from fedtextseg.errors import ConfigError, FedTextSegError
+from fedtextseg.privacy.settings import GRAD_SAMPLE_MODES as MODES
 
-__all__ = ["validate_model", "poisson_loader", "volume_index", "PerSampleMean", "make_private", "PrivateParts",
-           "secure_seed"]
+__all__ = ["validate_model", "poisson_loader", "volume_index", "VolumeMicrobatches", "PerSampleMean", "make_private",
+           "PrivateParts", "MODES", "secure_seed"]
 
 
 def secure_seed() -> int:
@@ -91,20 +100,62 @@ def volume_index(batch: Mapping[str, Any], rows: int, device: torch.device | str
     return torch.arange(rows, device=device), rows
 
 
+def _rows_of(batch: Mapping[str, Any], index: list[int], rows: int) -> dict[str, Any]:
+    """The rows ``index`` of every per-row entry of a batch (tensors and lists of length ``rows``)."""
+    part: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows:
+            part[key] = value[torch.as_tensor(index, device=value.device)]
+        elif isinstance(value, (list, tuple)) and len(value) == rows:
+            part[key] = [value[i] for i in index]
+        else:
+            part[key] = value
+    return part
+
+
+class VolumeMicrobatches(Microbatching):
+    """One micro-batch per volume (patient) of a step's batch; after each one's backward pass its gradient is kept
+    as that volume's per-sample gradient row (float32) and ``p.grad`` is cleared for the next volume."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = params
+        self.rows: list[list[torch.Tensor]] = [[] for _ in params]
+
+    def split(self, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+        self.rows = [[] for _ in self.params]
+        rows = int(batch["image"].shape[0])
+        if rows == 0:  # Poisson sampling drew no volume: no pass at all, the step is noise only
+            return []
+        idx, volumes = volume_index(batch, rows)
+        return [_rows_of(batch, (idx == v).nonzero().flatten().tolist(), rows) for v in range(volumes)]
+
+    def collect(self) -> None:
+        for store, p in zip(self.rows, self.params):
+            store.append(torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.detach().float())
+            p.grad = None
+
+    def grad_samples(self) -> list[torch.Tensor]:
+        """Per parameter ``[volumes, *shape]`` (``[0, *shape]`` after an empty batch)."""
+        return [torch.stack(store) if store else torch.zeros((0, *p.shape), device=p.device, dtype=torch.float32)
+                for store, p in zip(self.rows, self.params)]
+
+
 # ----------------------------------------------------------------------------- losses
 class PerSampleMean:
-    """``fn(logits, *targets)`` evaluated on each row alone and averaged: a loss Opacus can decompose per sample."""
+    """``fn(logits, *targets, **masks)`` evaluated on each row alone and averaged: a loss Opacus can decompose per
+    sample (keyword tensors, e.g. the ``known`` voxel mask, are cut by row too)."""
 
     def __init__(self, fn: Callable[..., torch.Tensor]):
         self.fn = fn
 
-    def per_sample(self, logits: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.fn(logits[i:i + 1], *(r[i:i + 1] for r in rest)) for i in range(logits.shape[0])])
+    def per_sample(self, logits: torch.Tensor, *rest: torch.Tensor, **masks: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.fn(logits[i:i + 1], *(r[i:i + 1] for r in rest),
+                                    **{k: m[i:i + 1] for k, m in masks.items()}) for i in range(logits.shape[0])])
 
-    def __call__(self, logits: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, *rest: torch.Tensor, **masks: torch.Tensor) -> torch.Tensor:
         if logits.shape[0] == 0:
             return logits.sum() * 0.0
-        return self.per_sample(logits, *rest).mean()
+        return self.per_sample(logits, *rest, **masks).mean()
 
 
 class _GhostClippedLoss(PerSampleMean):
@@ -116,10 +167,10 @@ class _GhostClippedLoss(PerSampleMean):
         super().__init__(fn)
         self.model = model
 
-    def __call__(self, logits: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, *rest: torch.Tensor, **masks: torch.Tensor) -> torch.Tensor:
         if logits.shape[0] == 0:
             return logits.sum() * 0.0
-        per = self.per_sample(logits, *rest)
+        per = self.per_sample(logits, *rest, **masks)
         per.mean().backward(retain_graph=True)
         missing = [n for n, p in self.model._module.named_parameters() if p.requires_grad
                    and not hasattr(p, "_norm_sample")]
@@ -210,6 +261,21 @@ def _prox_step(params, refs, mu: float) -> None:
 def _optimizer_classes():
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
+    class MicrobatchDPOptimizer(DPOptimizer):
+        """Opacus' DPOptimizer over the per-volume gradients the micro-batches collected."""
+
+        def __init__(self, optimizer, *, microbatches: VolumeMicrobatches, prox_mu=0.0, prox_refs=(), **kwargs):
+            super().__init__(optimizer, loss_reduction="mean", **kwargs)
+            self.microbatches, self.prox_mu, self.prox_refs = microbatches, float(prox_mu), list(prox_refs)
+
+        def pre_step(self, closure=None):
+            for p, rows in zip(self.params, self.microbatches.grad_samples()):
+                p.grad_sample = rows
+            ok = super().pre_step(closure)
+            if ok:
+                _prox_step(self.params, self.prox_refs, self.prox_mu)
+            return ok
+
     class HooksDPOptimizer(DPOptimizer):
         """Opacus' DPOptimizer, clipping per *volume*: per-row gradients are averaged over each volume's rows first."""
 
@@ -260,13 +326,14 @@ def _optimizer_classes():
                 _prox_step(self.params, self.prox_refs, self.prox_mu)
             return ok
 
-    return HooksDPOptimizer, GhostDPOptimizer
+    return MicrobatchDPOptimizer, HooksDPOptimizer, GhostDPOptimizer
 
 
 # ----------------------------------------------------------------------------- assembly
 @dataclass
 class PrivateParts:
-    """What ``engine.train_steps`` runs under DP-SGD; ``close()`` removes Opacus' hooks from the model."""
+    """What ``engine.train_steps`` runs under DP-SGD (:meth:`train_steps` runs it); ``close()`` removes Opacus'
+    hooks from the model."""
 
     model: nn.Module
     loader: Any
@@ -275,14 +342,34 @@ class PrivateParts:
     teacher: Any
     optimizer: torch.optim.Optimizer
     mode: str
+    microbatching: VolumeMicrobatches | None = None
+
+    def train_steps(self, **kwargs):
+        """``engine.train_steps`` with these parts; clipping is DP-SGD's own (no global-norm clipping). Modes that
+        clip per-sample gradients Opacus derives run in float32 so the bound holds on exactly the summed values;
+        ``microbatch`` clips float32 parameter gradients and keeps the run's precision."""
+        from fedtextseg import engine
+
+        kwargs["grad_clip"] = None
+        if self.mode != "microbatch":
+            kwargs["precision"] = "fp32"
+        return engine.train_steps(self.model, self.loader, loss_fn=self.loss_fn, optimizer=self.optimizer,
+                                  distill_fn=self.distill_fn, teacher=self.teacher, microbatching=self.microbatching,
+                                  **kwargs)
 
     def close(self) -> None:
-        self.model._close()
+        if self.microbatching is None:
+            self.model._close()
+            return
+        for p in self.microbatching.params:  # what DPOptimizer left on the parameters
+            for attr in ("grad_sample", "summed_grad"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
 
 
 def make_private(model: nn.Module, dataset, optimizer: torch.optim.Optimizer, loss_fn: Callable, *,
                  noise_multiplier: float, max_grad_norm: float, sample_rate: float, steps: int,
-                 mode: str = "hooks", distill_fn: Callable | None = None, teacher: nn.Module | None = None,
+                 mode: str = "microbatch", distill_fn: Callable | None = None, teacher: nn.Module | None = None,
                  prox_mu: float = 0.0, prox_reference: Mapping[str, torch.Tensor] | None = None,
                  sampler_seed: int | None = None, noise_seed: int | None = None) -> PrivateParts:
     """Wrap a model (already on its device), its optimizer and loss for DP-SGD over Poisson batches of volumes.
@@ -290,17 +377,17 @@ def make_private(model: nn.Module, dataset, optimizer: torch.optim.Optimizer, lo
     Seeds default to fresh OS entropy; pass them only in tests.
     """
     validate_model(model)
-    if mode not in ("hooks", "ghost", "fast"):
-        raise ConfigError(f"privacy.grad_sample_mode {mode!r} is not one of hooks, ghost, fast")
-    if mode != "hooks" and teacher is not None and distill_fn is not None:
+    if mode not in MODES:
+        raise ConfigError(f"privacy.grad_sample_mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode in ("fast", "ghost") and teacher is not None and distill_fn is not None:
         raise ConfigError(f"privacy.grad_sample_mode={mode} cannot clip the distillation term the engine adds after "
-                          "the loss (train.loss=distill); use grad_sample_mode=hooks")
+                          "the loss (train.loss=distill); use grad_sample_mode=microbatch or hooks")
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise FedTextSegError(f"{type(model).__name__} has no trainable parameters to train with DP-SGD")
     device = trainable[0][1].device
     HooksDPModel, GhostDPModel = _wrapper_classes()
-    HooksDPOptimizer, GhostDPOptimizer = _optimizer_classes()
+    MicrobatchDPOptimizer, HooksDPOptimizer, GhostDPOptimizer = _optimizer_classes()
     noise_gen = torch.Generator(device=device).manual_seed(noise_seed if noise_seed is not None else secure_seed())
     sample_gen = torch.Generator().manual_seed(sampler_seed if sampler_seed is not None else secure_seed())
     refs = [(prox_reference or {}).get(n) for n, _ in trainable] if prox_mu > 0 else []
@@ -308,6 +395,13 @@ def make_private(model: nn.Module, dataset, optimizer: torch.optim.Optimizer, lo
     common = dict(noise_multiplier=float(noise_multiplier), max_grad_norm=float(max_grad_norm),
                   expected_batch_size=expected, generator=noise_gen, secure_mode=True, prox_mu=prox_mu,
                   prox_refs=refs)
+    loader = poisson_loader(dataset, sample_rate, steps, sample_gen)
+    distill = PerSampleMean(distill_fn) if distill_fn is not None else None
+    if mode == "microbatch":
+        microbatches = VolumeMicrobatches([p for _, p in trainable])
+        dp_opt = MicrobatchDPOptimizer(optimizer, microbatches=microbatches, **common)
+        return PrivateParts(model=model, loader=loader, loss_fn=PerSampleMean(loss_fn), distill_fn=distill,
+                            teacher=teacher, optimizer=dp_opt, mode=mode, microbatching=microbatches)
     if mode == "hooks":
         dp_model = HooksDPModel(model, batch_first=True, loss_reduction="mean", strict=True)
         dp_opt = HooksDPOptimizer(optimizer, model=dp_model, **common)
@@ -318,6 +412,5 @@ def make_private(model: nn.Module, dataset, optimizer: torch.optim.Optimizer, lo
         dp_opt = GhostDPOptimizer(optimizer, model=dp_model, **common)
         dp_loss = _GhostClippedLoss(loss_fn, dp_model)
     return PrivateParts(
-        model=dp_model, loader=poisson_loader(dataset, sample_rate, steps, sample_gen), loss_fn=dp_loss,
-        distill_fn=PerSampleMean(distill_fn) if distill_fn is not None else None,
+        model=dp_model, loader=loader, loss_fn=dp_loss, distill_fn=distill,
         teacher=_EmptySafeTeacher(teacher) if teacher is not None else None, optimizer=dp_opt, mode=mode)

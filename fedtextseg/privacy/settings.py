@@ -42,7 +42,7 @@ NODE_KEYS = {
     "privacy-max-grad-norm": "max_grad_norm",
 }
 ACCOUNTANTS = ("rdp", "prv")
-GRAD_SAMPLE_MODES = ("hooks", "fast", "ghost")
+GRAD_SAMPLE_MODES = ("microbatch", "hooks", "fast", "ghost")  # fedtextseg.privacy.dpsgd says what each does
 SECURE_AGGREGATION = ("none", "secaggplus")
 
 
@@ -58,7 +58,7 @@ class PrivacySettings:
     noise_multiplier: float | None = None  # None: planned from target_epsilon for rounds x local steps
     max_grad_norm: float = 1.0  # per-volume clipping bound C
     expected_batch_size: int | None = None  # volumes per step on average (Poisson); None: train.batch_size
-    grad_sample_mode: str = "hooks"  # hooks (exact per-volume clipping) | fast | ghost (Opacus, 2 backwards)
+    grad_sample_mode: str = "microbatch"  # microbatch | hooks (both exact per-volume clipping) | fast | ghost
     min_samples_for_metrics: int = 0  # evaluation metrics over fewer validation cases are not sent
     metric_decimals: int | None = None  # round every sent metric to this many decimals
     report_train_loss: bool = False  # the training loss is outside the DP guarantee: off under DP by default
@@ -153,7 +153,7 @@ def resolve_settings(run: Mapping[str, Any] | None, site: Mapping[str, Any] | No
         s.source["noise_multiplier"] = f"planned from target_epsilon ({s.source['target_epsilon']})"
     ebs = run.get("expected_batch_size")
     s.expected_batch_size = int(ebs) if ebs not in (None, "") else (int(train_batch_size) if train_batch_size else None)
-    s.grad_sample_mode = str(run.get("grad_sample_mode") or "hooks").lower()
+    s.grad_sample_mode = str(run.get("grad_sample_mode") or "microbatch").lower()
     s.min_samples_for_metrics = int(run.get("min_samples_for_metrics") or 0)
     s.metric_decimals = None if run.get("metric_decimals") in (None, "") else int(run["metric_decimals"])
     # without DP the loss is sent as always; under DP only if the run explicitly allows it (it is not private)

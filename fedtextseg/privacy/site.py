@@ -179,10 +179,8 @@ class SitePrivacy:
             max_grad_norm=s.max_grad_norm, sample_rate=q, steps=steps, mode=s.grad_sample_mode,
             distill_fn=distill_fn if teacher is not None else None, teacher=teacher,
             prox_mu=float(kwargs.pop("prox_mu", 0.0) or 0.0), prox_reference=kwargs.pop("prox_reference", None))
-        kwargs.update(grad_clip=None, precision="fp32")  # clipping is DP-SGD's; fp32 keeps the bound exact
         try:
-            stats = engine.train_steps(parts.model, parts.loader, loss_fn=parts.loss_fn, optimizer=parts.optimizer,
-                                       distill_fn=parts.distill_fn, teacher=parts.teacher, **kwargs)
+            stats = parts.train_steps(**kwargs)
         finally:
             parts.close()
         ledger.rounds[-1]["status"] = "done"
