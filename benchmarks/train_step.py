@@ -8,7 +8,7 @@ Variants, each in its own process (so peak memory is its own), on the same rando
 ``step_hook`` (the loop clients and centralized training run, loss and optimizer included):
 
 - precision ``fp32`` or ``bf16`` autocast (bf16 only where the device computes it natively, or ``--force-bf16``);
-- layout ``channels-last`` (what the engine selects for 3D networks) or ``contiguous``;
+- layout ``channels-last`` (what the engine selects for 3D networks on CUDA and AMX CPUs) or ``contiguous``;
 - for networks with a DINOv2 branch, ``cached`` features (the site's feature cache) or ``recompute`` (the ViT runs
   on every patch).
 
@@ -40,8 +40,7 @@ def _measure(experiment: str, overrides: str, steps: int, precision: str, layout
     from fedtextseg.runtime import build_model, prepare_bank
     from fedtextseg.vocab import get_vocabulary
 
-    if layout == "contiguous":
-        engine.CHANNELS_LAST_DEVICES = ()
+    engine._channels_last = lambda device: layout == "channels-last"  # the layout measured, whatever auto picks
     cfg = compose_config(experiment, overrides)
     if cfg.run.get("threads"):
         torch.set_num_threads(int(cfg.run.threads))
@@ -117,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                        "--steps", str(args.steps), "--child", precision, layout, dino]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
                 row = json.loads(out)
-                row["auto"] = precision == auto and layout == "channels-last" and dino in ("cached", "none")
+                row["auto"] = (precision == auto and (layout == "channels-last") == engine._channels_last(device)
+                               and dino in ("cached", "none"))
                 rows.append(row)
                 print(f"{row['variant']}: {row['step_s_median']:.3f} s/step", flush=True)
     flags = sorted(engine.cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"})

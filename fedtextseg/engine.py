@@ -33,7 +33,7 @@ from fedtextseg.metrics import MetricAccumulator
 __all__ = [
     "resolve_device",
     "cpu_flags",
-    "cpu_has_native_bf16",
+    "cpu_has_amx",
     "resolve_precision",
     "autocast",
     "prepare_model",
@@ -72,11 +72,14 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16) and oneDNN can use it: there bf16
-    autocast measured 1.5x faster than float32 for the demo's training step (benchmarks/train_step.py). Without those
-    units bf16 is emulated and slower, so ``auto`` stays in float32."""
-    if not {"avx512_bf16", "amx_bf16"} & cpu_flags():
+def cpu_has_amx() -> bool:
+    """True where the CPU has AMX tiles with bf16 (``amx_bf16`` and ``amx_tile``) and oneDNN computes bf16.
+
+    Measured with the demo's training step (benchmarks/train_step.py, one thread): on a Xeon with AMX, bf16 autocast
+    ran 1.54x and fp32 channels-last 1.28x faster than fp32 contiguous; on a Xeon with AVX512-BF16 but AMX off, bf16
+    ran 0.88x, channels-last 0.89x and both 0.79x as fast. So both are chosen on AMX CPUs only; elsewhere the CPU
+    trains in fp32, contiguous."""
+    if not {"amx_bf16", "amx_tile"} <= cpu_flags():
         return False
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -85,14 +88,15 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> str:
-    """``auto`` -> ``bf16`` on CUDA with bf16 (else ``fp16``) and on a CPU with native bf16, else ``fp32``."""
+    """``auto`` -> ``bf16`` on CUDA with bf16 (else ``fp16``) and on a CPU with AMX (:func:`cpu_has_amx`), else
+    ``fp32``."""
     if precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ValueError(f"unknown precision {precision!r} (auto | bf16 | fp16 | fp32)")
     if precision != "auto":
         return "fp32" if precision == "fp16" and device.type != "cuda" else precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
 
 
 def autocast(device: torch.device, precision: str = "auto"):
@@ -107,13 +111,10 @@ def autocast(device: torch.device, precision: str = "auto"):
     return torch.autocast("cuda", dtype=torch.float16)
 
 
-# Devices whose 3D convolutions run faster channels-last: cuDNN, and oneDNN on CPU (1.1-1.2x per training step,
-# benchmarks/train_step.py, which empties this to measure the contiguous layout side by side).
-CHANNELS_LAST_DEVICES: tuple[str, ...] = ("cuda", "cpu")
-
-
 def _channels_last(device: torch.device) -> bool:
-    return device.type in CHANNELS_LAST_DEVICES
+    """3D convolutions channels-last: on cuDNN, and with oneDNN on AMX CPUs only (:func:`cpu_has_amx` has the
+    figures; benchmarks/train_step.py replaces this function to measure both layouts side by side)."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:

@@ -161,7 +161,9 @@ def test_precision_follows_the_cpus_bf16_flags(monkeypatch):
     assert engine.resolve_precision(cpu, "auto") == "fp32"  # bf16 would be emulated: slower, so not chosen
     with engine.autocast(cpu, "auto"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
-    monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
+    monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert engine.resolve_precision(cpu, "auto") == "fp32"  # AVX512-BF16 without AMX measured slower than fp32
+    monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
     expected = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
     assert engine.resolve_precision(cpu, "auto") == expected
     assert engine.resolve_precision(cpu, "fp32") == "fp32" and engine.resolve_precision(cpu, "bf16") == "bf16"
@@ -172,11 +174,19 @@ def test_precision_follows_the_cpus_bf16_flags(monkeypatch):
         engine.resolve_precision(cpu, "fp8")
 
 
-def test_a_3d_network_trains_channels_last_on_cpu():
+def test_a_3d_network_trains_channels_last_on_an_amx_cpu_and_contiguous_elsewhere(monkeypatch):
     from tests.conftest import make_bank
     from fedtextseg.models import create_model
 
-    model = engine.prepare_model(create_model("cdpdnet_tiny", **make_bank(), dino={"enabled": False}), torch.device("cpu"))
-    assert model.encoder[0][0].conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
-    batch = engine.move_batch({"image": torch.rand(1, 1, 16, 16, 16)}, torch.device("cpu"))
-    assert batch["image"].is_contiguous(memory_format=torch.channels_last_3d)
+    cpu, amx = torch.device("cpu"), torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+    def layouts():  # a convolution with several input channels and a 2-channel image (1 channel is both layouts)
+        model = engine.prepare_model(create_model("cdpdnet_tiny", **make_bank(), dino={"enabled": False}), cpu)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
+        image = engine.move_batch({"image": torch.rand(1, 2, 8, 8, 8)}, cpu)["image"]
+        return [t.is_contiguous(memory_format=torch.channels_last_3d) for t in (conv.weight, image)]
+
+    monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
+    assert layouts() == [amx, amx]
+    monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert layouts() == [False, False]  # AVX512-BF16 without AMX: channels-last measured slower
