@@ -53,7 +53,7 @@ def step_rows(args, work: Path) -> list[dict]:
         rows.append({"section": "training step", "variant": f"{r['variant']} ({r['patches']} patches)",
                      "seconds": r["step_s_median"], "peak_mb": r["peak_mb"], "device": r["device"]})
     dp = _run_json([sys.executable, "benchmarks/privacy_overhead.py", "--models", "cdpdnet_tiny", "--modes", "plain",
-                    "dp-hooks", "--steps", str(args.steps), "--out", str(work / "privacy_overhead")],
+                    "dp-microbatch", "dp-hooks", "--precisions", "fp32", "--steps", str(args.steps), "--out", str(work / "privacy_overhead")],
                    work / "privacy_overhead.json")
     for r in dp["results"]:
         rows.append({"section": "training step", "variant": f"{'DP-SGD' if r['mode'] != 'plain' else 'no DP'} "
