@@ -24,9 +24,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from fedtextseg.baselines import CROSS_EVAL
+from fedtextseg.studies.spec import ArmSpec
 from fedtextseg.tracking import dice_table, read_metrics
 
-__all__ = ["summarise_run", "aggregate_seeds", "mean_std", "finite_mean"]
+__all__ = ["summarise_run", "aggregate_seeds", "mean_std", "finite_mean", "group_by_arm", "cell_rows", "cell_stat"]
 
 UNSEEN_PREFIX = "unseen:"
 
@@ -149,3 +150,30 @@ def aggregate_seeds(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out["cross_site"][model_site] = {
             e: mean_std([(r.get("cross_site") or {}).get(model_site, {}).get(e) for r in records]) for e in evaluated}
     return out
+
+
+def group_by_arm(arms: Sequence[ArmSpec], records: Sequence[Mapping]) -> list[tuple[ArmSpec, dict[str, Any]]]:
+    """(arm, aggregate over its seeds) for every arm with at least one finished run, in study order."""
+    out = []
+    for arm in arms:
+        mine = [r for r in records if r.get("arm") == arm.name]
+        if mine:
+            out.append((arm, aggregate_seeds(mine)))
+    return out
+
+
+def cell_rows(grouped) -> list[tuple[str, str]]:
+    """(site, class) rows in first-seen order: training sites, then the unseen hospital."""
+    rows: dict[tuple[str, str], None] = {}
+    for _, agg in grouped:
+        for site, per in agg["site_dice"].items():
+            for cls in per:
+                rows[(site, cls)] = None
+    for _, agg in grouped:
+        for cls in agg["unseen_dice"]:
+            rows[("unseen", cls)] = None
+    return sorted(rows, key=lambda sc: (sc[0] == "unseen", sc[0]))
+
+
+def cell_stat(agg: Mapping, site: str, cls: str):
+    return agg["unseen_dice"].get(cls) if site == "unseen" else agg["site_dice"].get(site, {}).get(cls)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from fedtextseg.studies.collect import cell_rows, cell_stat
 from fedtextseg.studies.spec import StudySpec
 
 __all__ = ["draw_figures", "FIGURES"]
@@ -76,8 +77,6 @@ def _heatmap(ax, values: np.ndarray, rows: Sequence[str], cols: Sequence[str]) -
 
 
 def class_dice(spec: StudySpec, grouped, path: Path) -> Path | None:
-    from fedtextseg.studies.report import cell_rows, cell_stat
-
     rows = cell_rows(grouped)
     if not rows:
         return None

@@ -10,10 +10,11 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from fedtextseg.studies.collect import SCALARS, aggregate_seeds
+from fedtextseg.studies.collect import SCALARS, cell_rows, cell_stat, group_by_arm
+from fedtextseg.studies.plots import draw_figures
 from fedtextseg.studies.spec import ArmSpec, StudySpec
 
-__all__ = ["write_study_outputs", "group_by_arm", "fmt_mean_std", "cell_rows", "cell_stat", "SUMMARY_COLUMNS"]
+__all__ = ["write_study_outputs", "fmt_mean_std", "SUMMARY_COLUMNS"]
 
 MB = 1e6
 # (key, header, scale, digits): the summary table's columns; a column without any value is left out
@@ -41,16 +42,6 @@ def fmt_mean_std(stat: Sequence[float] | None, digits: int = 3, scale: float = 1
     return text + (f" ± {std * scale:.{digits}f}" if n > 1 else "")
 
 
-def group_by_arm(arms: Sequence[ArmSpec], records: Sequence[Mapping]) -> list[tuple[ArmSpec, dict[str, Any]]]:
-    """(arm, aggregate over its seeds) for every arm with at least one finished run, in study order."""
-    out = []
-    for arm in arms:
-        mine = [r for r in records if r.get("arm") == arm.name]
-        if mine:
-            out.append((arm, aggregate_seeds(mine)))
-    return out
-
-
 def _x_text(x: Any) -> str:
     if x is None:
         return ""
@@ -67,23 +58,6 @@ def _summary_lines(spec: StudySpec, grouped) -> list[str]:
         cells += [fmt_mean_std(agg["scalars"][k], digits, scale) for k, _, scale, digits in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-def cell_rows(grouped) -> list[tuple[str, str]]:
-    """(site, class) rows in first-seen order: training sites, then the unseen hospital."""
-    rows: dict[tuple[str, str], None] = {}
-    for _, agg in grouped:
-        for site, per in agg["site_dice"].items():
-            for cls in per:
-                rows[(site, cls)] = None
-    for _, agg in grouped:
-        for cls in agg["unseen_dice"]:
-            rows[("unseen", cls)] = None
-    return sorted(rows, key=lambda sc: (sc[0] == "unseen", sc[0]))
-
-
-def cell_stat(agg: Mapping, site: str, cls: str):
-    return agg["unseen_dice"].get(cls) if site == "unseen" else agg["site_dice"].get(site, {}).get(cls)
 
 
 def _per_class_lines(grouped) -> list[str]:
@@ -130,8 +104,6 @@ def _write_csvs(grouped, records: Sequence[Mapping], folder: Path) -> None:
 def write_study_outputs(spec: StudySpec, arms: Sequence[ArmSpec], records: Sequence[Mapping], info: Mapping,
                         folder: Path) -> list[Path]:
     """Write the tables and figures of a study into ``folder``; returns the figure paths."""
-    from fedtextseg.studies.plots import draw_figures
-
     grouped = group_by_arm(arms, records)
     figures = draw_figures(spec, grouped, folder)
     first = records[0]
