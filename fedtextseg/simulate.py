@@ -179,14 +179,29 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def flwr_run_command(project: Path, num_sites: int, run_config: dict, cpus_per_site: float = 1.0) -> list[str]:
+def flwr_run_command(project: Path, num_sites: int, run_config: dict, cpus_per_site: int = 1) -> list[str]:
+    """``flwr run`` of this project on the local SuperLink, ``num_sites`` simulated SuperNodes of ``cpus_per_site``
+    whole CPUs each (Flower 1.41's simulation config holds an unsigned integer there)."""
     def toml(v):
         return f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
 
     rc = " ".join(f"{k}={toml(v)}" for k, v in run_config.items())
     return [_flwr_executable(), "run", str(project), "local", "--stream",
-            "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={cpus_per_site:g}",
+            "--federation-config", f"num-supernodes={num_sites} client-resources-num-cpus={_whole_cpus(cpus_per_site)}",
             "--run-config", rc]
+
+
+def _whole_cpus(value) -> int:
+    """A count of whole CPUs >= 1, else a ConfigError that says why (Flower reserves whole CPUs per SuperNode)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number >= 1 or number != int(number):
+        raise ConfigError(f"--cpus-per-site must be a whole number of CPUs >= 1, got {value!r}: Flower 1.41's "
+                          "simulation reserves whole CPUs per simulated SuperNode (to run more sites at once than "
+                          "there are cores, keep 1 and set run.threads=1)")
+    return int(number)
 
 
 def _flwr_executable() -> str:
@@ -206,10 +221,12 @@ def simulate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--overrides", default="", help='Hydra overrides, e.g. "federation.rounds=5 model=cdpdnet_small"')
     p.add_argument("--run-name", default=None, help="results/<run-name> (default: <experiment>-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue --run-name from its last checkpoint")
-    p.add_argument("--cpus-per-site", type=float, default=1.0, help="Ray CPUs reserved per simulated SuperNode")
+    p.add_argument("--cpus-per-site", default="1",
+                   help="whole Ray CPUs reserved per simulated SuperNode (default 1)")
     args = p.parse_args(argv)
     if args.resume and not args.run_name:
         raise ConfigError("--resume needs --run-name (the run to continue)")
+    cpus_per_site = _whole_cpus(args.cpus_per_site)  # before any data is generated or a SuperLink started
 
     cfg = compose_config(args.experiment, args.overrides)
     sites = ensure_data(cfg)
@@ -220,7 +237,7 @@ def simulate_main(argv: list[str] | None = None) -> int:
                   "results-dir": str(Path(cfg.run.results_dir).expanduser().resolve()), "resume": args.resume}
     ensure_flower_config()
     http_port, control_port = local_superlink_ports()
-    cmd = flwr_run_command(project, len(sites), run_config, args.cpus_per_site)
+    cmd = flwr_run_command(project, len(sites), run_config, cpus_per_site)
     print("fedtextseg simulate:", " ".join(shlex.quote(c) for c in cmd), flush=True)
     print(f"fedtextseg simulate: this run's local SuperLink: 127.0.0.1:{http_port} (control API {control_port}), "
           f"FLWR_HOME {flower_home()}", flush=True)

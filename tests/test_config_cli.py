@@ -67,3 +67,16 @@ def test_cli_lists_subcommands_and_reports_user_errors(capsys, tmp_path):
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "fedtextseg.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "simulate" in result.stdout
+
+
+def test_simulate_reserves_whole_cpus_per_site_and_refuses_fractions_up_front(tmp_path, monkeypatch):
+    from fedtextseg import simulate
+
+    cmd = simulate.flwr_run_command(tmp_path, 4, {"experiment": "demo"}, 2)
+    assert "num-supernodes=4 client-resources-num-cpus=2" in cmd
+    called = []
+    monkeypatch.setattr(simulate, "ensure_data", lambda cfg: called.append(cfg))  # nothing may be generated
+    for bad in ("0.5", "0", "two", "1.5"):
+        with pytest.raises(ConfigError, match="whole number of CPUs"):
+            simulate.simulate_main(["--cpus-per-site", bad])
+    assert called == []
