@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "embed-text": ("fedtextseg.text.encoders", "embed_text_main", "encode class/task prompts into an embedding bank"),
     "train": ("fedtextseg.centralized", "train_main", "centralized (pooled) training on one or more sites"),
     "simulate": ("fedtextseg.simulate", "simulate_main", "run a Flower simulation of the synthetic hospitals (flwr run)"),
-    "predict": ("fedtextseg.predict", "predict_main", "segment NIfTI volumes with a trained model file, by class name"),
+    "predict": ("fedtextseg.predict_cli", "predict_main", "segment NIfTI volumes with a trained model file, by class name"),
     "info": ("fedtextseg.model_card", "info_main", "print a model file's model card (architecture, provenance, classes)"),
     "report": ("fedtextseg.report", "report_main", "render a run folder into report.html and report.md"),
     "study": ("fedtextseg.studies.runner", "study_main", "run a benchmark study (configs/study/): table + plots"),

@@ -33,6 +33,7 @@ from fedtextseg import engine
 from fedtextseg.data.site import NIFTI_SUFFIXES
 from fedtextseg.data.xray import load_png
 from fedtextseg.errors import ConfigError, FedTextSegError
+from fedtextseg.predict import BatchResult, _file_stem, resolve_classes, unique_cases  # shared with 3D
 from fedtextseg.vocab import get_vocabulary
 
 __all__ = ["IMAGE_SUFFIXES", "XrayPredictor", "XrayPrediction", "read_reports", "collect_images",
@@ -84,8 +85,6 @@ class XrayPredictor:
     def __init__(self, model: torch.nn.Module, info: Mapping[str, Any], *, classes: Sequence[str] | None = None,
                  task: str | None = None, threshold: float | None = None, keep_largest: bool | None = None,
                  device: str = "auto", precision: str = "auto"):
-        from fedtextseg.predict import resolve_classes
-
         self.info, self.vocab = info, get_vocabulary(info.get("vocabulary"))
         if self.vocab.spatial_dims != 2:
             raise ConfigError(f"this model speaks the {self.vocab.spatial_dims}D vocabulary {self.vocab.name!r}; "
@@ -223,8 +222,6 @@ def _overlay(pred: XrayPrediction, alpha: float = 0.45) -> np.ndarray:
 def write_xray_prediction(pred: XrayPrediction, out_dir: str | Path, *, probabilities: bool = False,
                           overlay: bool = True) -> list[Path]:
     """Mask PNGs (0/255) per class, probability PNGs on request, and the overlay; returns the files written."""
-    from fedtextseg.predict import _file_stem  # one naming rule for both model families
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -247,8 +244,6 @@ def predict_xray_batch(predictor: XrayPredictor, inputs: Iterable[str | Path], o
 
     ``report`` conditions every image on one text; ``reports`` (from :func:`read_reports`) gives each its own.
     With neither, every image is conditioned on the task prompt."""
-    from fedtextseg.predict import BatchResult, unique_cases
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files, problems = collect_images(inputs)

@@ -9,13 +9,17 @@ Typical use::
     data = build_site_data(site, PreprocessConfig(patch_size=(96, 96, 96)))
     loader = make_loader(data.train_ds, batch_size=1, shuffle=True)
 
-Names are re-exported lazily, so ``import fedtextseg.data.site`` does not pay for importing MONAI and torch.
+Names are re-exported lazily, so ``import fedtextseg.data.site`` does not pay for importing MONAI and torch. Site
+formats are readers registered with :func:`fedtextseg.data.site.register_reader`; the built-in ones (``nifti``,
+``png-csv``) register when this package is imported.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from fedtextseg.data import nifti_site, xray_site  # noqa: F401  the built-in site formats register their readers
 
 _EXPORTS = {
     "site": ["Case", "Site", "load_site"],

@@ -8,7 +8,7 @@ and annotated classes that are empty in every labeled case. ``full=True`` checks
 after the first case with a problem. The :class:`SiteReport` also summarises cases, spacing and shape ranges and
 voxels per vocabulary channel (as the model sees them: composites split by side, tumors counted in their organ).
 
-2D report-guided sites (format ``png-csv``) are checked by ``fedtextseg.data.xray.check_xray_site``; its findings
+2D report-guided sites (format ``png-csv``) are checked by ``fedtextseg.data.xray_site.check_xray_site``; its findings
 that start with ``"info: "`` become ``notes`` (shown, but the site is still OK).
 """
 
@@ -25,12 +25,12 @@ import numpy as np
 from fedtextseg.data.io import AFFINE_TOLERANCE, grid_mismatch, read_label, read_nifti
 from fedtextseg.data.labels import LabelCoder, encode_labels
 from fedtextseg.data.site import Site, load_site
+from fedtextseg.data.xray_site import INFO as _INFO, check_xray_site  # 2D report-guided sites
 from fedtextseg.errors import FedTextSegError, SiteError
 
 __all__ = ["SiteReport", "check_site", "check_site_main"]
 
 PLAUSIBLE_SPACING = (0.01, 50.0)  # mm per voxel axis: CT/MR voxels outside this mean a wrong header
-_INFO = "info: "  # prefix of fedtextseg.data.xray findings that are notes, not problems
 
 
 @dataclass
@@ -150,8 +150,6 @@ def check_site(path_or_site: str | Path | Site, full: bool = True, vocabulary: s
         ignored_classes=[site.ignored_values[v] for v in sorted(site.ignored_values)],
     )
     if site.format == "png-csv":
-        from fedtextseg.data.xray import check_xray_site  # 2D report-guided sites, imported only when needed
-
         findings = [(str(p), str(msg)) for p, msg in check_xray_site(site)]
         problems = [f for f in findings if not f[1].startswith(_INFO)]
         report.notes = [(p, msg[len(_INFO):]) for p, msg in findings if msg.startswith(_INFO)]

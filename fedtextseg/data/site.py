@@ -7,7 +7,7 @@ Layouts understood by :func:`load_site`:
       name: hospital-b
       task: lits                     # vocabulary task whose prompt conditions the model (TTPG)
       vocabulary: abdomen-ct         # registered name or a YAML path (default abdomen-ct)
-      format: nifti                  # nifti (3D) | png-csv (2D chest X-ray, see data/xray.py)
+      format: nifti                  # nifti (3D, data/nifti_site.py) | png-csv (2D chest X-ray, data/xray_site.py)
       images: images                 # folder of images (default "images")
       labels: labels                 # folder of label maps (default "labels")
       label_map: {1: liver, 2: liver tumor}   # label value -> vocabulary class or composite ("kidney")
@@ -41,7 +41,6 @@ which include TotalSegmentator's (``kidney_left``, ``inferior_vena_cava``, ``lun
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,11 +48,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fedtextseg.data.io import mask_files, mask_name
 from fedtextseg.errors import SiteError
 from fedtextseg.vocab import UnknownClassError, UnknownTaskError, Vocabulary, get_vocabulary
 
-__all__ = ["Case", "Site", "load_site", "SITE_FILE", "NIFTI_SUFFIXES", "UNMAPPED_CHOICES"]
+__all__ = ["Case", "Site", "load_site", "SITE_FILE", "NIFTI_SUFFIXES", "UNMAPPED_CHOICES", "SiteLayout",
+           "SiteReader", "register_reader", "site_formats", "case_id_of"]
 
 SITE_FILE = "site.yaml"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -110,102 +109,13 @@ class Site:
         )
 
 
-def _case_id(path: Path) -> str:
+def case_id_of(path: Path) -> str:
+    """A file's case id: its name without the image suffix (``case_001.nii.gz`` -> ``case_001``)."""
     name = path.name
     for suffix in (*NIFTI_SUFFIXES, ".png", ".jpg", ".jpeg"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
-
-
-_NNUNET_CHANNEL = re.compile(r"^(?P<base>.+)_(?P<channel>\d{4})$")
-
-
-def _nnunet_base(case_id: str) -> str | None:
-    match = _NNUNET_CHANNEL.match(case_id)
-    return match.group("base") if match else None
-
-
-def _looks_like_unlabeled_nnunet(ids: list[str]) -> bool:
-    """Unlabeled folder in nnU-Net naming: every name ends in a 4-digit channel and each case has a ``_0000``.
-
-    ``case_0000 .. case_0010`` (one "case" with 11 channels?) is read as 11 cases: at least two cases are required.
-    """
-    bases = [_nnunet_base(c) for c in ids]
-    if not ids or any(b is None for b in bases):
-        return False
-    if all(c.endswith("_0000") for c in ids):
-        return True
-    groups = set(bases)
-    return len(groups) > 1 and all(f"{b}_0000" in ids for b in groups)
-
-
-def _pair_nifti(images_dir: Path, labels_dir: Path | None, labels_required: bool = False) -> list[Case]:
-    """Pair images with labels by case id.
-
-    A label named like the image pairs with it (``case_0001.nii.gz`` both sides). nnU-Net names
-    (image ``case_001_0000.nii.gz``, label ``case_001.nii.gz``) pair by the name without the channel suffix; in an
-    unlabeled folder the suffix is dropped only when every image carries it (see ``_looks_like_unlabeled_nnunet``),
-    so plain names that happen to end in 4 digits (``case_0001``) stay distinct cases.
-    """
-    if not images_dir.is_dir():
-        raise SiteError(images_dir, "image folder does not exist")
-    images = sorted(p for p in images_dir.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES) and p.is_file())
-    if not images:
-        raise SiteError(images_dir, "no NIfTI images (.nii/.nii.gz) found")
-    labels: dict[str, Path] = {}
-    if labels_dir is not None and labels_dir.is_dir():
-        for p in labels_dir.iterdir():
-            is_mask_folder = p.is_dir() and not p.name.startswith(".")  # TotalSegmentator: one folder per case
-            if (p.name.lower().endswith(NIFTI_SUFFIXES) and p.is_file()) or is_mask_folder:
-                case_id = p.name if is_mask_folder else _case_id(p)
-                if case_id in labels:
-                    raise SiteError(p, f"two labels for case {case_id!r} ({labels[case_id].name})")
-                labels[case_id] = p
-        kinds = {p.is_dir() for p in labels.values()}
-        if len(kinds) > 1:
-            raise SiteError(labels_dir, "holds both label files and per-class mask folders; use one kind per site")
-    elif labels_required and labels_dir is not None:
-        raise SiteError(labels_dir, "label folder named in site.yaml does not exist")
-    ids = [_case_id(img) for img in images]
-    strip_unlabeled = not labels and _looks_like_unlabeled_nnunet(ids)
-    cases: list[Case] = []
-    owner: dict[str, Path] = {}
-    for img, cid in zip(images, ids):
-        base = _nnunet_base(cid)
-        if cid in labels:
-            case_id = cid
-        elif base is not None and (base in labels or strip_unlabeled):
-            case_id = base
-        else:
-            case_id = cid
-        if case_id in owner:
-            raise SiteError(
-                img,
-                f"more than one image for case {case_id!r} (also {owner[case_id].name}); "
-                "multi-channel input is not supported",
-            )
-        owner[case_id] = img
-        cases.append(Case(case_id=case_id, image=img, label=labels.get(case_id)))
-    orphans = sorted(set(labels) - set(owner))
-    if orphans:
-        raise SiteError(labels_dir, f"labels without an image: {', '.join(orphans[:5])}")
-    return cases
-
-
-def _mask_folder_values(cases: list[Case], raw_map: Any, spec_path: Path) -> dict[str, int]:
-    """Per-class mask folders (TotalSegmentator's ``<class>.nii.gz`` per case): {mask name: label value}, the
-    values numbering the union of the cases' mask names in sorted order; {} when labels are label files."""
-    folders = [c.label for c in cases if c.label is not None and c.label.is_dir()]
-    if not folders:
-        return {}
-    if raw_map is not None:
-        raise SiteError(spec_path, "labels are folders of per-class masks, whose file names name the classes: "
-                                   "remove label_map (rename a mask file to change its class)")
-    names = sorted({mask_name(m) for folder in folders for m in mask_files(folder)})
-    if not names:
-        raise SiteError(folders[0].parent, "the per-class mask folders hold no masks (<class>.nii.gz)")
-    return {name: i + 1 for i, name in enumerate(names)}
 
 
 def _resolve_label_map(raw: dict, vocab: Vocabulary, source: Path,
@@ -362,8 +272,65 @@ def _msd_labels(msd: dict) -> dict | None:
     return labels
 
 
+# ---------------------------------------------------------------------------- site formats
+@dataclass
+class SiteLayout:
+    """Where a site's files are, as its description says: what a :class:`SiteReader` reads."""
+
+    root: Path
+    spec: dict  # site.yaml ({} when there is none)
+    spec_path: Path
+    dataset_json: dict  # MSD / nnU-Net dataset.json ({} when there is none)
+    images_dir: Path
+    labels_dir: Path
+    labels_required: bool  # the labels folder was named in site.yaml, so it must exist
+    scratch: dict = field(default_factory=dict)  # a reader's own notes between its two calls
+
+
+class SiteReader:
+    """How one site format's files become cases. :func:`load_site` calls :meth:`label_names` before it resolves the
+    site's label map (a format whose files name their classes returns ``{value: name}``, else None) and
+    :meth:`read_cases` after; both raise :class:`SiteError` naming the file and the problem."""
+
+    name: str = ""
+    aliases: tuple[str, ...] = ()
+
+    def label_names(self, layout: SiteLayout) -> dict[int, str] | None:
+        return None
+
+    def read_cases(self, layout: SiteLayout) -> list[Case]:
+        raise NotImplementedError
+
+
+_READERS: dict[str, SiteReader] = {}
+
+
+def register_reader(reader: SiteReader) -> SiteReader:
+    """Make ``reader`` the reader of ``format: <reader.name>`` (and its aliases) in site.yaml."""
+    for key in (reader.name, *reader.aliases):
+        if key in _READERS and _READERS[key] is not reader:
+            raise ValueError(f"site format {key!r} is registered twice")
+        _READERS[key] = reader
+    return reader
+
+
+def site_formats() -> list[str]:
+    """The registered site formats' names (aliases left out)."""
+    return sorted({r.name for r in _READERS.values()})
+
+
+def reader_for(fmt: str, source: Path) -> SiteReader:
+    try:
+        return _READERS[fmt]
+    except KeyError:
+        raise SiteError(source, f"unknown site format {fmt!r} (expected one of: "
+                                f"{', '.join(map(repr, site_formats()))})") from None
+
+
 def load_site(path: str | Path, vocabulary: Vocabulary | str | None = None) -> Site:
-    """Read a site folder (``site.yaml`` and/or MSD ``dataset.json``) into a :class:`Site`."""
+    """Read a site folder (``site.yaml`` and/or MSD ``dataset.json``) into a :class:`Site`, its files through the
+    reader of its ``format`` (:func:`register_reader`; the built-in ones: ``nifti`` in
+    :mod:`fedtextseg.data.nifti_site`, ``png-csv`` in :mod:`fedtextseg.data.xray_site`)."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise SiteError(root, "site folder does not exist")
@@ -386,19 +353,20 @@ def load_site(path: str | Path, vocabulary: Vocabulary | str | None = None) -> S
     except Exception as exc:  # unknown vocabulary name or unreadable vocabulary file
         raise SiteError(source, str(exc)) from None
 
-    fmt = str(spec.get("format", "nifti")).lower()
+    reader = reader_for(str(spec.get("format", "nifti")).lower(), source)
     if msd and "images" not in spec:
         images_dir, labels_dir, labels_required = root / "imagesTr", root / "labelsTr", False
     else:
         images_dir, labels_dir = root / spec.get("images", "images"), root / spec.get("labels", "labels")
         labels_required = "labels" in spec
+    layout = SiteLayout(root, spec, spec_path, msd, images_dir, labels_dir, labels_required)
     raw_map = spec.get("label_map")
-    cases, mask_values = None, {}
-    if fmt == "nifti" and labels_dir.is_dir() and any(p.is_dir() for p in labels_dir.iterdir()):
-        cases = _pair_nifti(images_dir, labels_dir, labels_required)  # the masks' file names are the label map
-        mask_values = _mask_folder_values(cases, raw_map, spec_path)
-    if mask_values:  # per-class mask folders: the masks' file names are the classes
-        raw_map = {value: name for name, value in mask_values.items()}
+    named_by_files = reader.label_names(layout)
+    if named_by_files:
+        if raw_map is not None:
+            raise SiteError(spec_path, "labels are folders of per-class masks, whose file names name the classes: "
+                                       "remove label_map (rename a mask file to change its class)")
+        raw_map = named_by_files
     if raw_map is None and msd:
         raw_map = _msd_labels(msd)
         source = msd_path
@@ -414,16 +382,8 @@ def load_site(path: str | Path, vocabulary: Vocabulary | str | None = None) -> S
         task = vocab.task(str(task_name)).name
     except UnknownTaskError as exc:
         raise SiteError(source, str(exc)) from None
-
-    if fmt == "nifti":
-        cases = cases if cases is not None else _pair_nifti(images_dir, labels_dir, labels_required)
-    elif fmt in ("png-csv", "png", "xray"):
-        from fedtextseg.data.xray import read_xray_cases  # 2D report-guided layout
-
-        cases = read_xray_cases(root, spec)
-        fmt = "png-csv"
-    else:
-        raise SiteError(source, f"unknown site format {fmt!r} (expected 'nifti' or 'png-csv')")
+    cases = reader.read_cases(layout)
+    mask_values = {name: value for value, name in named_by_files.items()} if named_by_files else {}
 
     return Site(
         root=root,
@@ -433,7 +393,7 @@ def load_site(path: str | Path, vocabulary: Vocabulary | str | None = None) -> S
         label_map=label_map,
         annotated=annotated,
         cases=cases,
-        format=fmt,
+        format=reader.name,
         privacy=dict(spec.get("privacy") or {}),
         meta={**{k: v for k, v in spec.items() if k not in {"label_map", "annotated", "privacy"}},
               **({"mask_values": mask_values} if mask_values else {})},
