@@ -27,8 +27,9 @@ from flwr.clientapp import ClientApp
 from fedtextseg import wire
 from fedtextseg.federation.frozen import MissingFrozenError
 from fedtextseg.federation.site_state import load_local_state, save_local_state, site_frozen_cache
-from fedtextseg.flower_adapter import (eval_reply_content, missing_frozen_error, receive_frozen, record_nbytes,
-                                       record_to_arrays, record_to_config, site_reply_content)
+from fedtextseg.flower_adapter import (announced_frozen_hash, eval_reply_content, missing_frozen_error,
+                                       receive_frozen, record_nbytes, record_to_arrays, record_to_config,
+                                       site_reply_content)
 from client.secure import is_secure_train, prepare_reply, secure_aggregation_mod, secure_train
 from fedtextseg.privacy.audit import message_audit_mod
 from fedtextseg.privacy.site import SitePrivacy, screen_eval_summary
@@ -50,13 +51,19 @@ if not _lib_log.handlers:  # per-step progress lines of local training reach the
 
 # In simulation the same process serves many rounds: keep each site's runner (data cached in memory and on disk).
 _RUNNERS: dict[tuple, SiteRunner] = {}
+_CONFIGS: dict[tuple, object] = {}
 
 
 def _config(context: Context):
+    """The run's composed config, once per process and run config (composing takes ~0.15 s, every message paid it)."""
     rc = context.run_config
-    cfg = compose_config(str(rc.get("experiment", "demo")), str(rc.get("overrides", "")))
-    if rc.get("data-root"):
-        cfg.data.root = str(rc["data-root"])
+    key = (str(rc.get("experiment", "demo")), str(rc.get("overrides", "")), str(rc.get("data-root") or ""))
+    if key not in _CONFIGS:
+        cfg = compose_config(key[0], key[1])
+        if key[2]:
+            cfg.data.root = key[2]
+        _CONFIGS[key] = cfg
+    cfg = _CONFIGS[key]
     threads = cfg.run.get("threads")
     if threads:
         torch.set_num_threads(int(threads))
@@ -66,16 +73,17 @@ def _config(context: Context):
 def _runner(msg: Message, context: Context) -> tuple[SiteRunner, str]:
     cfg = _config(context)
     site_path = resolve_site_path(cfg, context.node_config)
-    bundle = receive_frozen(msg.content, site_frozen_cache(cfg))
-    key = (context.run_id, str(site_path), bundle.content_hash)
-    if key not in _RUNNERS:
+    key = (context.run_id, str(site_path), announced_frozen_hash(msg.content))
+    if key not in _RUNNERS or wire.FROZEN_ARRAYS in msg.content.array_records:  # sent: verify and cache it
+        bundle = receive_frozen(msg.content, site_frozen_cache(cfg))
+    if key not in _RUNNERS:  # a new run, site or frozen bundle: build the site's model from the bundle
         model = build_model(cfg, frozen=bundle.arrays, meta=bundle.meta)
         _RUNNERS[key] = SiteRunner(cfg, site_path, model)
         load_local_state(_RUNNERS[key], _run_name(context), context.run_id,
                          resume=bool(context.run_config.get("resume", False)))
     runner = _RUNNERS[key]
     runner.load_global(record_to_arrays(msg.content.array_records[wire.ARRAYS]))
-    return runner, bundle.content_hash
+    return runner, key[2]
 
 
 def _run_name(context: Context) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -267,6 +268,13 @@ def attach_frozen(content: RecordDict, content_hash: str, bundle: FrozenBundle |
     return content
 
 
+def announced_frozen_hash(content: RecordDict) -> str | None:
+    """The content hash of the frozen bundle a message announces (None: it announces none)."""
+    if FROZEN_INFO_KEY not in content.config_records:
+        return None
+    return str(content.config_records[FROZEN_INFO_KEY]["hash"])
+
+
 def receive_frozen(content: RecordDict, cache: FrozenCache | None = None) -> FrozenBundle | None:
     """Client side: the announced frozen bundle, from the message (verified, then cached) or from ``cache``.
 
@@ -329,6 +337,29 @@ def eval_reply_summary(content: RecordDict, class_names: Sequence[str]) -> dict[
 
 
 # ---------------------------------------------------------------- the round's messages over Flower
+def send_and_receive(grid, messages: Sequence[Message], *, timeout: float | None, first_poll: float = 0.02,
+                     max_poll: float = 0.5) -> list[Message]:
+    """Push ``messages`` and pull their replies until all have come or ``timeout`` seconds have passed.
+
+    Flower's own ``Grid.send_and_receive`` over a SuperLink (``HttpGrid``: the ServerApp of a deployment with
+    SuperNodes) sleeps 3 s between pulls, so every train and evaluate exchange waits 1.5 s on average after its
+    last reply, 3 s a round (the simulation's in-memory grid pulls every 0.1 s). Here the interval starts at
+    ``first_poll``, grows by half each empty pull up to ``max_poll`` and restarts when a reply comes."""
+    msg_ids = set(grid.push_messages(messages))
+    end = time.monotonic() + timeout if timeout is not None else math.inf
+    replies: list[Message] = []
+    interval = first_poll
+    while msg_ids:
+        got = list(grid.pull_messages(msg_ids))
+        replies.extend(got)
+        msg_ids.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not msg_ids or time.monotonic() >= end:
+            break
+        time.sleep(min(interval, max(0.0, end - time.monotonic())))
+        interval = first_poll if got else min(max_poll, interval * 1.5)
+    return replies
+
+
 class FlowerTransport:
     """The round protocol's transport over Flower's Grid (:mod:`fedtextseg.federation.rounds`): one train and one
     evaluate message per node, each with the global arrays, the round config and (to nodes that lack them) the
@@ -370,7 +401,7 @@ class FlowerTransport:
         from fedtextseg.federation.rounds import TrainRound
 
         messages, sent = self.messages(coord, round_, MessageType.TRAIN)
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        replies = send_and_receive(self.grid, messages, timeout=timeout)
         out = TrainRound(bytes_sent={}, bytes_received={})
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -396,7 +427,7 @@ class FlowerTransport:
 
         messages, _ = self.messages(coord, round_, MessageType.EVALUATE)
         out = []
-        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+        for reply in send_and_receive(self.grid, messages, timeout=timeout):
             if reply.has_error():
                 out.append(EvalReply(self._name(reply.metadata.src_node_id), failure=self._error(coord, reply)))
             else:

@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 
 from fedtextseg import wire
 from fedtextseg.federation.rounds import SecureAggregate, TrainRound
-from fedtextseg.flower_adapter import FlowerTransport, attach_frozen, is_missing_frozen
+from fedtextseg.flower_adapter import FlowerTransport, attach_frozen, is_missing_frozen, send_and_receive
 from fedtextseg.privacy.secure import check_secure_config
 
 __all__ = ["SecureFlowerTransport", "SECURE_FLAG"]
@@ -97,7 +97,7 @@ class SecureFlowerTransport(FlowerTransport):
                                                              SECURE_FLAG: wire.SECURE_PREPARE})})
             attach_frozen(content, coord.frozen.content_hash, coord.frozen_payload(node))
             messages.append(Message(content=content, message_type=MessageType.QUERY, dst_node_id=node))
-        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+        for reply in send_and_receive(self.grid, messages, timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 if is_missing_frozen(reply):

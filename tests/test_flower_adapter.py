@@ -150,3 +150,44 @@ def test_frozen_bundle_over_the_wire(tmp_path):
     with pytest.raises(FedTextSegError, match="does not match"):
         fa.receive_frozen(tampered, cache)
     assert fa.receive_frozen(RecordDict(), cache) is None
+
+
+class _SlowGrid:
+    """A Grid whose nodes answer after a given number of pulls (None: never)."""
+
+    def __init__(self, answer_after: dict[str, int | None]):
+        self.answer_after, self.pulls, self.pushed = answer_after, 0, []
+
+    def push_messages(self, messages):
+        self.pushed = list(messages)
+        return list(self.answer_after)
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        due = [m for m in message_ids if self.answer_after[m] is not None and self.answer_after[m] <= self.pulls]
+        out = []
+        for mid in due:
+            meta = Metadata(run_id=1, message_id="", src_node_id=7, dst_node_id=0, reply_to_message_id=mid,
+                            group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+            out.append(Message(content=RecordDict(), metadata=meta))
+        return out
+
+
+def test_send_and_receive_polls_quickly_and_stops_at_the_last_reply_or_the_timeout(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(fa.time, "sleep", lambda s: slept.append(s))
+    grid = _SlowGrid({"a": 1, "b": 4, "c": 9})
+    replies = fa.send_and_receive(grid, ["m"], timeout=60.0, first_poll=0.02, max_poll=0.5)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b", "c"]
+    assert grid.pulls == 9  # not one pull after the last reply
+    assert slept and max(slept) <= 0.5 and sum(slept) < 3.0  # Flower's HttpGrid sleeps 3 s between pulls
+    assert slept[0] == pytest.approx(0.02)  # a reply restarts the short interval
+
+    # a node that never answers: the replies that came, once the timeout has passed
+    clock = iter(range(0, 1000))
+    monkeypatch.setattr(fa.time, "monotonic", lambda: float(next(clock)))
+    grid = _SlowGrid({"a": 2, "never": None})
+    replies = fa.send_and_receive(grid, ["m"], timeout=5.0)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
+    assert 2 <= grid.pulls <= 6
+    assert fa.send_and_receive(_SlowGrid({}), [], timeout=1.0) == []
