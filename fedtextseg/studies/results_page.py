@@ -82,11 +82,10 @@ def build_results_page(studies_dir: str | Path = "results/studies", page: str | 
     lines = ["# Benchmark results", "",
              f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by `python scripts/update_results_page.py` "
              "from `results/studies/*`. Each section states when and on which machine its numbers were produced. "
-             "The CPU-sized budgets train the demo's network on coarse (6 mm) synthetic CT: `main` at the demo's "
-             "own budget (8 rounds x 25 steps a site, 800 gradient steps a run), short of the plateau (see "
-             "docs/learning_speed.md); a section whose best arm is below 0.3 mean Dice comes from a budget of a "
-             "few steps and shows the machinery, not the methods (the `paper` budgets, `--config paper`, are for "
-             "GPUs).", "", "| study | last run | machine | command |", "|---|---|---|---|"]
+             "The CPU-sized budgets (`--config cpu`, the default) train the demo's network on coarse (6 mm) "
+             "synthetic CT at the demo's own budget, 8 rounds x 25 local steps a site (800 gradient steps for 4 "
+             "sites), short of the centralized plateau (docs/learning_speed.md); each section states its budget. "
+             "The `paper` budgets (`--config paper`) are for GPUs.", "", "| study | last run | machine | command |", "|---|---|---|---|"]
     for name in names:
         info_path = studies_dir / name / "study.json"
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
