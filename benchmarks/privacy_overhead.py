@@ -37,7 +37,6 @@ MODES = ("plain", "dp-microbatch", "dp-hooks", "dp-fast")
 FP32_ONLY = ("dp-hooks", "dp-fast")
 PATCHES = {"cdpdnet_tiny_nodino": (32, 32, 32), "cdpdnet_tiny": (32, 32, 32), "cdpdnet_small": (16, 64, 64)}
 RESULTS = Path(__file__).resolve().parent / "results"
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
 def _bank(dim: int = 64):
@@ -86,18 +85,16 @@ def _peak_bytes(device, baseline: int) -> int:
 
 def model_spec(model_name: str) -> tuple[str, dict]:
     """A registered model's name, or a ``configs/model/<name>.yaml`` config (the demo's ``cdpdnet_tiny_nodino``)
-    read into the registered name and keyword overrides it builds; DINOv2 weights stay random (offline)."""
+    composed into the registered name and keyword overrides it builds; DINOv2 weights stay random (offline)."""
     from omegaconf import OmegaConf
 
+    from fedtextseg.config import compose_config
     from fedtextseg.models import is_model
 
     if is_model(model_name):
         return model_name, ({"dino": {"weights": None}} if model_name == "cdpdnet_small" else {})
-    path = CONFIGS / f"{model_name}.yaml"
-    if not path.is_file():
-        raise SystemExit(f"unknown model {model_name!r}: neither a registered model nor {path}")
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    return cfg["name"], dict(cfg.get("kwargs") or {})
+    model = compose_config("demo", [f"model={model_name}"]).model  # an unknown name fails here, naming the options
+    return str(model.name), OmegaConf.to_container(model.kwargs, resolve=True) or {}
 
 
 def worker(model_name: str, mode: str, precision: str, volumes: int, crops: int, steps: int,
@@ -130,7 +127,6 @@ def worker(model_name: str, mode: str, precision: str, volumes: int, crops: int,
     parts = None
     if mode == "plain":
         loader = DataLoader(data, batch_size=volumes, shuffle=False, collate_fn=list_data_collate)
-        run_model, run_loss, run_opt, clip = model, loss_fn, optimizer, 12.0
     else:
         parts = make_private(model, data, optimizer, loss_fn, noise_multiplier=1.0, max_grad_norm=1.0,
                              sample_rate=1.0, steps=steps + 1, mode=mode.removeprefix("dp-"))
@@ -169,11 +165,11 @@ def device_description() -> dict:
     if torch.cuda.is_available():
         info["device"] = f"CUDA: {torch.cuda.get_device_name(0)}"
     else:
-        from fedtextseg.engine import cpu_flags
+        from fedtextseg.engine import CPU_BF16_FLAGS, cpu_flags
         from fedtextseg.tracking import cpu_model
 
         info["device"] = f"CPU: {cpu_model()}"
-        info["cpu_bf16_flags"] = sorted({"avx512_bf16", "amx_bf16", "amx_tile"} & cpu_flags())
+        info["cpu_bf16_flags"] = sorted(CPU_BF16_FLAGS & cpu_flags())
         try:
             info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
         except OSError:
@@ -182,8 +178,6 @@ def device_description() -> dict:
 
 
 def _native_precisions() -> list[str]:
-    import torch
-
     from fedtextseg import engine
 
     return ["fp32"] + (["bf16"] if engine.resolve_precision(engine.resolve_device("auto")) == "bf16" else [])

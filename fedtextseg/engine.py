@@ -34,6 +34,7 @@ __all__ = [
     "resolve_device",
     "cpu_flags",
     "cpu_has_amx",
+    "CPU_BF16_FLAGS",
     "resolve_precision",
     "autocast",
     "prepare_model",
@@ -70,6 +71,10 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith("flags"):
             return frozenset(line.partition(":")[2].split())
     return frozenset()
+
+
+# the CPU flags that say how it computes bf16 (recorded in run metadata and benchmarks); AMX needs the last two
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "amx_tile"})
 
 
 def cpu_has_amx() -> bool:

@@ -281,10 +281,10 @@ def receive_frozen(content: RecordDict, cache: FrozenCache | None = None) -> Fro
     Returns None when the message announces no bundle. Raises :class:`MissingFrozenError` when the bundle is
     announced but neither sent nor cached; reply with ``missing_frozen_error`` then.
     """
-    if FROZEN_INFO_KEY not in content.config_records:
+    h = announced_frozen_hash(content)
+    if h is None:
         return None
     info = content.config_records[FROZEN_INFO_KEY]
-    h = str(info["hash"])
     if FROZEN_ARRAYS_KEY in content.array_records:
         meta = json.loads(str(info.get("meta", "{}")))
         bundle = FrozenBundle(record_to_arrays(content.array_records[FROZEN_ARRAYS_KEY]), meta)

@@ -58,7 +58,7 @@ def environment_info() -> dict[str, Any]:
 
     device = engine.resolve_device("auto")
     info["precision_auto"] = engine.resolve_precision(device, "auto")  # what run.precision=auto trains in here
-    info["cpu_bf16_flags"] = sorted(engine.cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    info["cpu_bf16_flags"] = sorted(engine.cpu_flags() & engine.CPU_BF16_FLAGS)
     try:
         import flwr
         import monai
