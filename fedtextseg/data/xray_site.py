@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fedtextseg.data.site import (SITE_FILE, Case, Site, SiteLayout, SiteReader, _load_yaml, _resolve_label_map,
-                                  load_site, register_reader)
+                                  case_id_of, load_site, register_reader)
 from fedtextseg.errors import SiteError
 from fedtextseg.vocab import get_vocabulary
 
@@ -76,14 +76,6 @@ def _resolve(base: Path, rel: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def _case_id(image: Path) -> str:
-    name = image.name
-    for suffix in (".png", ".jpg", ".jpeg"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return image.stem
-
-
 def read_xray_cases(root: str | Path, spec: Mapping) -> list[Case]:
     """Cases of a ``png-csv`` site; raises :class:`SiteError` if the CSV or a listed image/mask file is missing."""
     root = Path(root)
@@ -97,7 +89,7 @@ def read_xray_cases(root: str | Path, spec: Mapping) -> list[Case]:
         for p in (image, label):
             if p is not None and not p.is_file():
                 missing.append(str(p))
-        cid = _case_id(image)
+        cid = case_id_of(image)
         if cid in seen:
             raise SiteError(csv_path, f"line {i}: image {row['image']!r} is listed twice")
         seen.add(cid)
@@ -231,7 +223,7 @@ def check_xray_site(site: Site | str | Path, *, max_cases: int | None = None) ->
             issues.append((f"{csv_path}:{line}", "empty image path"))
             continue
         image_path = _resolve(base, row["image"])
-        cid = _case_id(image_path)
+        cid = case_id_of(image_path)
         if cid in seen:
             issues.append((f"{csv_path}:{line}", f"image {row['image']!r} already listed on line {seen[cid]}"))
         seen[cid] = line
