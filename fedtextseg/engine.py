@@ -159,6 +159,7 @@ class TrainStats:
     loss: float = float("nan")  # mean over the steps of this call
     seconds: float = 0.0
     history: list[float] = field(default_factory=list)
+    precision: str = ""  # what the steps ran in (fp32 where a CPU's bf16 kernels failed their check)
 
     def as_metrics(self) -> dict[str, float]:
         return {"train_loss": self.loss, "train_steps": float(self.steps), "train_seconds": self.seconds}
@@ -220,6 +221,26 @@ def _batch_loss(model, batch, loss_fn, device, precision, teacher, distill_fn, d
     return loss
 
 
+_CPU_BF16_CHECKED: dict[tuple, tuple[bool, str]] = {}
+
+
+def _training_precision(model: nn.Module, batch: Mapping[str, Any], device: torch.device, precision: str,
+                        label: str) -> str:
+    """The run's precision, except float32 on a CPU whose bf16 kernels get this model's convolution weight gradients
+    wrong at this batch's shapes (:mod:`fedtextseg.bf16_check`); said once per model and shape."""
+    if device.type != "cpu" or resolve_precision(device, precision) != "bf16" or not hasattr(model, "forward_batch"):
+        return precision
+    key = (type(model).__name__, sum(p.numel() for p in model.parameters()), tuple(batch["image"].shape[1:]))
+    if key not in _CPU_BF16_CHECKED:
+        from fedtextseg.bf16_check import cpu_bf16_trains_correctly
+
+        _CPU_BF16_CHECKED[key] = cpu_bf16_trains_correctly(model, batch)
+        if not _CPU_BF16_CHECKED[key][0]:
+            log.warning("%s: training in fp32, not bf16: this CPU's bf16 kernels are wrong for %s", label,
+                        _CPU_BF16_CHECKED[key][1])
+    return precision if _CPU_BF16_CHECKED[key][0] else "fp32"
+
+
 def train_steps(
     model: nn.Module,
     loader: Iterable,
@@ -257,6 +278,8 @@ def train_steps(
     ref = {k: v.to(device) for k, v in (prox_reference or {}).items()} if prox_mu > 0 else None
     for step in range(1, steps + 1):
         batch = move_batch(next(batches), device)
+        if step == 1:
+            precision = _training_precision(model, batch, device, precision, label)
         rows = int(batch["image"].shape[0])
         optimizer.zero_grad(set_to_none=True)
         parts = microbatching.split(batch) if microbatching is not None else [batch]
@@ -282,6 +305,7 @@ def train_steps(
             recent = np.mean(stats.history[-log_every:])
             log.info("%s step %d/%d loss %.4f (%.1fs)", label, step, steps, recent, time.perf_counter() - start)
     stats.steps = steps
+    stats.precision = resolve_precision(device, precision)
     stats.seconds = time.perf_counter() - start
     stats.loss = float(np.mean(stats.history)) if stats.history else float("nan")
     if not log_every:

@@ -55,7 +55,7 @@ def test_validator_accepts_every_model_config():
         validate_model(nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2)))
 
 
-def _volume_dataset(n_volumes: int, crops: int, seed: int = 0, model=None) -> list:
+def _volume_dataset(n_volumes: int, crops: int, seed: int = 0, model=None, patch: tuple = PATCH) -> list:
     """Items as the training pipeline makes them: a list of ``crops`` patch dicts per volume (with the frozen DINOv2
     features of each patch precomputed, as the site's feature cache provides them)."""
     vocab = get_vocabulary()
@@ -64,8 +64,8 @@ def _volume_dataset(n_volumes: int, crops: int, seed: int = 0, model=None) -> li
     annotated[[vocab.class_names.index("liver"), vocab.class_names.index("liver tumor")]] = 1.0
     items = []
     for v in range(n_volumes):
-        items.append([{"image": torch.rand(1, *PATCH, generator=g),
-                       "label": (torch.rand(vocab.num_classes, *PATCH, generator=g) > 0.7).to(torch.uint8),
+        items.append([{"image": torch.rand(1, *patch, generator=g),
+                       "label": (torch.rand(vocab.num_classes, *patch, generator=g) > 0.7).to(torch.uint8),
                        "annotated": annotated.clone(), "task": 1, "case_id": f"vol{v}"} for _ in range(crops)])
     if model is not None:
         with torch.no_grad():
@@ -106,6 +106,25 @@ def _crop_grads(model, dataset, loss_fn):
     return out
 
 
+def _volume_grads(model, dataset, loss_fn):
+    """Per volume, the gradient of the mean loss over its crops from ONE pass over them (plain autograd)."""
+    from monai.data import list_data_collate
+
+    out = []
+    for volume in dataset:
+        model.zero_grad(set_to_none=True)
+        batch = list_data_collate(volume)
+        PerSampleMean(loss_fn)(model.forward_batch(batch)["logits"], batch["label"], batch["annotated"]).backward()
+        out.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _scaled_volumes(crop_grads: list) -> list:
+    """Per volume, the mean of its crops' gradients."""
+    return [_scaled(_sum(v), 1 / len(v)) for v in crop_grads]
+
+
 def _norm(g: dict) -> float:
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in g.values())))
 
@@ -135,8 +154,7 @@ def test_dp_step_clips_per_volume_through_forward_batch(mode):
     crop_grads = _crop_grads(reference, dataset, loss_fn)
     clip = 0.5 * min(_norm(g) for v in crop_grads for g in v)  # every volume and crop gets clipped
     if mode != "fast":
-        volumes = [_scaled(_sum(v), 1 / len(v)) for v in crop_grads]
-        volumes = [_scaled(g, min(1.0, clip / (_norm(g) + 1e-6))) for g in volumes]
+        volumes = [_scaled(g, min(1.0, clip / (_norm(g) + 1e-6))) for g in _scaled_volumes(crop_grads)]
     else:
         volumes = [_scaled(_sum([_scaled(g, min(1.0, clip / (_norm(g) + 1e-6))) for g in v]), 1 / len(v))
                    for v in crop_grads]
@@ -147,9 +165,14 @@ def test_dp_step_clips_per_volume_through_forward_batch(mode):
     for name, want in expected.items():
         torch.testing.assert_close(got[name], want, rtol=2e-3, atol=1e-3 * scale, msg=lambda m, n=name: f"{n}: {m}")
     diff = _norm({k: got[k] - expected[k] for k in expected})
+    # float32's own noise, measured: the same volume gradients from one pass over the volume's crops (what the DP
+    # step runs) instead of one pass per crop. With DINOv2 the FiLM/gate gradients are sums that nearly cancel, and
+    # this noise reached 0.4 % on a Xeon without AMX (torch 2.14); the DP step must agree to within twice it.
+    floor = max(_norm({k: a[k] - b[k] for k in a}) / _norm(a)
+                for a, b in zip(_volume_grads(reference, dataset, loss_fn), _scaled_volumes(crop_grads)))
     # fast clipping computes per-crop norms from unfolded conv inputs in float32 and runs a second backward pass:
     # its clip factors agree to ~0.1 %, which sums to ~0.2 % over the model (torch 2.14 / Opacus 1.6)
-    assert diff < (1e-3 if mode != "fast" else 5e-3) * _norm(expected)
+    assert diff < max(1e-3 if mode != "fast" else 5e-3, 2 * floor) * _norm(expected)
 
 
 def test_microbatch_mode_clips_the_whole_objective_at_the_runs_precision():
@@ -164,7 +187,9 @@ def test_microbatch_mode_clips_the_whole_objective_at_the_runs_precision():
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    dataset = _volume_dataset(n_volumes=3, crops=2)
+    # depth 24 -> 12 -> 6 -> 3: no level 2 voxels deep, whose bf16 weight gradients torch 2.14 gets wrong on some
+    # CPUs (fedtextseg.bf16_check); where the check still fails, the step runs in fp32 and says so
+    dataset = _volume_dataset(n_volumes=3, crops=2, patch=(24, 32, 32))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     clip = 1e-3
@@ -177,11 +202,43 @@ def test_microbatch_mode_clips_the_whole_objective_at_the_runs_precision():
     finally:
         parts.close()
     assert math.isfinite(stats.loss) and stats.samples == 6
+    from fedtextseg.bf16_check import cpu_bf16_trains_correctly
+    from monai.data import list_data_collate
+
+    assert stats.precision == ("bf16" if cpu_bf16_trains_correctly(model, list_data_collate(dataset[0]))[0] else "fp32")
     moved = {n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad}
     # 3 volumes, each clipped to C, summed and divided by the expected batch size (3): at most C, and every volume
     # was clipped, so the step is a real one
     assert 0.1 * clip < _norm(moved) <= clip * 1.0001
     assert not any(hasattr(p, "grad_sample") or hasattr(p, "summed_grad") for p in model.parameters())
+
+
+def _first_pass_scaled(model, factor: float) -> None:
+    """Multiply every gradient of the first backward pass (the first volume's, in microbatch mode) by ``factor``."""
+    for p in model.parameters():
+        if p.requires_grad:
+            calls = [0]
+
+            def hook(g, calls=calls):
+                calls[0] += 1
+                return g * factor if calls[0] == 1 else g
+            p.register_hook(hook)
+
+
+def test_a_volume_with_a_non_finite_gradient_adds_nothing_to_the_step(caplog):
+    """Opacus would give it NaN weights (poisoning the model) or, for an inf norm, drop it silently; it adds nothing,
+    the rest of the step is untouched and the site's log says which volume."""
+    dataset = _volume_dataset(n_volumes=2, crops=1)
+    broken, dropped = tiny_cdpdnet(dino={"enabled": False}), tiny_cdpdnet(dino={"enabled": False})
+    _first_pass_scaled(broken, float("nan"))
+    _first_pass_scaled(dropped, 0.0)
+    with caplog.at_level("WARNING", logger="fedtextseg.privacy.dpsgd"):
+        got = _one_dp_step(broken, dataset, PartialLabelLoss("masked"), "microbatch", 1e-3)
+    assert "volume(s) [0]" in caplog.text and "non-finite gradient" in caplog.text
+    want = _one_dp_step(dropped, dataset, PartialLabelLoss("masked"), "microbatch", 1e-3)
+    assert all(torch.isfinite(t).all() for t in got.values()) and _norm(want) > 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name])
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")

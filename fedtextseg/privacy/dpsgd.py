@@ -32,17 +32,22 @@ The engine stays the one training loop: :func:`make_private` hands it private re
 * Noise: ``N(0, (sigma C)^2)`` on the clipped sum, divided by the *expected* batch size; the generator is seeded
   from ``os.urandom`` (the run seed is known to the server, which could otherwise regenerate the noise), and
   Opacus' ``secure_mode`` noise (sum of four Gaussians) guards against floating-point attacks.
+* A volume whose gradient norm is not finite (with a finite loss: a broken kernel or an overflow) adds nothing to
+  the step, noise still added (:func:`zero_non_finite_volumes`).
 * FedProx's proximal term is data-independent: it is added to the privatised gradient (post-processing).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 from fedtextseg.engine import Microbatching
 from fedtextseg.errors import ConfigError, FedTextSegError
@@ -258,6 +263,24 @@ def _prox_step(params, refs, mu: float) -> None:
                 p.grad.add_(p.detach() - ref.to(p.device), alpha=mu)
 
 
+def zero_non_finite_volumes(grad_samples: list[torch.Tensor]) -> list[int]:
+    """Zero (in place) the per-volume gradient rows whose norm is not finite; return their indices.
+
+    Opacus would give a volume with an inf norm a clip factor of 0 and one with a NaN norm NaN weights (which
+    poison the model). A zero row is the DP-safe reading of both: the volume adds nothing (within the sensitivity
+    C), the noise is still added, and nothing about it leaves the site; the site's own log says which volumes."""
+    if not grad_samples or not len(grad_samples[0]):
+        return []
+    norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grad_samples], dim=1).norm(2, dim=1)
+    bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+    if bad:
+        for g in grad_samples:
+            g[bad] = 0
+        log.warning("DP-SGD: volume(s) %s of this step have a non-finite gradient although the loss is finite; "
+                    "they add nothing to the step (a broken kernel or an overflow: try run.precision=fp32)", bad)
+    return bad
+
+
 def _optimizer_classes():
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
@@ -269,8 +292,10 @@ def _optimizer_classes():
             self.microbatches, self.prox_mu, self.prox_refs = microbatches, float(prox_mu), list(prox_refs)
 
         def pre_step(self, closure=None):
-            for p, rows in zip(self.params, self.microbatches.grad_samples()):
-                p.grad_sample = rows
+            rows = self.microbatches.grad_samples()
+            zero_non_finite_volumes(rows)
+            for p, row in zip(self.params, rows):
+                p.grad_sample = row
             ok = super().pre_step(closure)
             if ok:
                 _prox_step(self.params, self.prox_refs, self.prox_mu)
@@ -304,6 +329,7 @@ def _optimizer_classes():
 
         def pre_step(self, closure=None):
             self._group_per_volume()
+            zero_non_finite_volumes([p.grad_sample for p in self.params])
             ok = super().pre_step(closure)
             if ok:
                 _prox_step(self.params, self.prox_refs, self.prox_mu)
