@@ -39,7 +39,7 @@ def _conv_shapes(model: nn.Module, batch: Mapping[str, Any]) -> dict[tuple, nn.M
     one = {k: (v[:1] if isinstance(v, torch.Tensor) and v.dim() else v[:1] if isinstance(v, list) else v)
            for k, v in batch.items()}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # dropout here must not shift the run's RNG stream
             model.forward_batch(one)
     finally:
         for h in hooks:

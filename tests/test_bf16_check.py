@@ -30,8 +30,10 @@ def _batch(depth: int) -> dict:
 
 
 def test_every_3d_convolution_is_checked_at_the_shape_the_batch_gives_it():
-    model = _model()
+    model = _model().train()
+    rng = torch.get_rng_state()
     shapes = bf16_check._conv_shapes(model, _batch(8))
+    assert torch.equal(rng, torch.get_rng_state())  # the run's random stream is where it was
     convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
     assert set(map(id, shapes.values())) <= set(map(id, convs))
     inputs = {key[-1] for key in shapes}
