@@ -6,7 +6,7 @@ gradient wrong, by input shape, against float32 on the same values.
 Each trial draws a fresh convolution (3x3x3, padding 1) and input, runs it under CPU bf16 autocast and in float32,
 and counts a result wrong when it is non-finite or off by more than ``fedtextseg.bf16_check.TOLERANCE`` (relative
 max error; bf16 rounding alone stays under 1 %). The shapes are CDPDNet's levels for common patches, among them
-the 2-voxel-deep levels that ``fedtextseg.bf16_check`` found wrong on torch 2.14.1 on a Xeon with AVX512-BF16.
+the 2-voxel-deep levels that ``fedtextseg.bf16_check`` found wrong on torch 2.14.1 on an AMD EPYC (Zen 4) with AVX512-BF16.
 Prints a table and writes ``benchmarks/results/bf16_conv3d_check.{json,md}`` with the CPU's bf16/AMX flags.
 Nothing is asserted: the engine runs the same check on a run's own shapes before it trains in bf16 on a CPU.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from fedtextseg import engine
 from fedtextseg.bf16_check import TOLERANCE
+from fedtextseg.tracking import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [  # (channels, depth, height, width): one row of a batch
@@ -69,13 +69,14 @@ def main() -> None:
         rows.append({"channels": c, "input": [d, h, w], **rates})
         print(f"C={c:3d} input {d}x{h}x{w}: wrong forward {rates['forward']:.0%}, input grad "
               f"{rates['input_grad']:.0%}, weight grad {rates['weight_grad']:.0%}")
-    meta = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "bf16_flags": flags,
+    meta = {"torch": torch.__version__, "cpu": cpu_model(), "bf16_flags": flags,
             "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "threads": torch.get_num_threads(),
             "trials": args.trials, "tolerance": TOLERANCE}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bf16_conv3d_check.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["# CPU bf16 Conv3d against float32 (benchmarks/bf16_conv3d_check.py)", "",
-             f"torch {meta['torch']}, CPU bf16 flags: {', '.join(flags) or 'none'}, {meta['threads']} thread(s), "
+             f"{meta['cpu']}, torch {meta['torch']}, CPU bf16 flags: {', '.join(flags) or 'none'}, "
+             f"{meta['threads']} thread(s), "
              f"{args.trials} trials per shape, wrong = non-finite or off by more than {TOLERANCE:.0%} (relative max).",
              "", "| channels | input (D x H x W) | forward wrong | input grad wrong | weight grad wrong |",
              "|---|---|---|---|---|"]

@@ -1,7 +1,7 @@
 """Whether this CPU's bf16 kernels compute a model's convolution gradients correctly, checked on the model's own
 layer shapes before a CPU run trains under bf16 autocast.
 
-Why: on torch 2.14.1 (oneDNN) on a Xeon with AVX512-BF16, the weight gradient of a bf16 ``Conv3d`` whose input is
+Why: on torch 2.14.1 (oneDNN) on an AMD EPYC (Zen 4, AVX512-BF16, no AMX), the weight gradient of a bf16 ``Conv3d`` whose input is
 2 voxels deep is wrong on every call (sometimes by 1e25: a DP step then clips it away to nothing), while the forward
 pass and the input gradient are right (``benchmarks/bf16_conv3d_check.py`` measures it; cf. pytorch/pytorch#169688
 for another shape class). CDPDNet's deepest levels are 2 voxels deep for patches such as 16x32x32, so such a run

@@ -167,7 +167,7 @@ def test_dp_step_clips_per_volume_through_forward_batch(mode):
     diff = _norm({k: got[k] - expected[k] for k in expected})
     # float32's own noise, measured: the same volume gradients from one pass over the volume's crops (what the DP
     # step runs) instead of one pass per crop. With DINOv2 the FiLM/gate gradients are sums that nearly cancel, and
-    # this noise reached 0.4 % on a Xeon without AMX (torch 2.14); the DP step must agree to within twice it.
+    # this noise reached 0.4 % on an AMD EPYC (torch 2.14); the DP step must agree to within twice it.
     floor = max(_norm({k: a[k] - b[k] for k in a}) / _norm(a)
                 for a, b in zip(_volume_grads(reference, dataset, loss_fn), _scaled_volumes(crop_grads)))
     # fast clipping computes per-crop norms from unfolded conv inputs in float32 and runs a second backward pass:
