@@ -146,6 +146,25 @@ def test_results_page_keeps_sections_of_studies_run_elsewhere(tmp_path):
     assert page.read_text().split("\n", 2)[2] == text.split("\n", 2)[2]
 
 
+def test_results_page_ends_with_every_benchmarks_latest_figures(tmp_path):
+    from fedtextseg.studies.results_page import build_results_page
+
+    bench, page = tmp_path / "benchmarks" / "results", tmp_path / "docs" / "results.md"
+    bench.mkdir(parents=True)
+    (bench / "cache_speed.md").write_text("# Preprocessing cache\n\n| cache | x memory |\n|---|---|\n| disk | 1.24 |\n")
+    (bench / "cache_speed.json").write_text("{}")
+    (bench / "bf16_conv3d_check.md").write_text("# CPU bf16 Conv3d\n\n| input | weight grad wrong |\n|---|---|\n"
+                                                "| 2 x 8 x 8 | 100% |\n")
+    build_results_page(tmp_path / "studies", page)  # benchmarks/results beside docs/
+    text = page.read_text()
+    assert text.count('<a id="benchmarks"></a>') == 1 and "## Benchmarks" in text
+    assert "### Preprocessing cache" in text and "| disk | 1.24 |" in text
+    assert "Raw numbers: `benchmarks/results/cache_speed.json`" in text
+    assert "| 2 x 8 x 8 | 100% |" in text and text.index("CPU bf16") < text.index("Preprocessing cache")  # sorted
+    build_results_page(tmp_path / "studies", page)  # idempotent
+    assert page.read_text().split("\n", 2)[2] == text.split("\n", 2)[2]
+
+
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     """Two tiny synthetic hospitals + an unseen one, a prebuilt text bank, and a study file over them."""

@@ -5,7 +5,9 @@
 Each study's ``table.md`` is included with its figures copied to ``docs/images/results/<study>-<figure>.png`` (so
 the page renders on GitHub without the untracked ``results/`` folder). A study whose outputs are not on this machine
 keeps its section and summary row from the existing page (the page records runs made elsewhere, e.g. a GPU
-machine); one that has never run is listed with the command that produces it.
+machine); one that has never run is listed with the command that produces it. The page ends with every benchmark's
+latest figures (``benchmarks/results/*.md``: cache, training step, DP overhead, bf16 check), each stating its date and
+machine.
 """
 
 from __future__ import annotations
@@ -70,9 +72,27 @@ def _previous_page(page: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
     return {n: r for n, r in rows.items() if n in kept}, kept
 
 
-def build_results_page(studies_dir: str | Path = "results/studies", page: str | Path = "docs/results.md") -> Path:
-    """Write the results page from whatever studies have finished; returns its path."""
+def _benchmark_sections(folder: Path) -> list[str]:
+    """Every ``benchmarks/results/*.md`` with its headings two levels down, under one ``Benchmarks`` section."""
+    files = sorted(folder.glob("*.md")) if folder.is_dir() else []
+    if not files:
+        return []
+    lines = ['<a id="benchmarks"></a>', "", "## Benchmarks", "",
+             "The latest figures of `benchmarks/*.py` (`benchmarks/results/`), each with its date and machine.", ""]
+    for f in files:
+        text = re.sub(r"^(#+) ", lambda m: "##" + m.group(1) + " ", f.read_text(), flags=re.M)
+        lines += [text.rstrip(), "", f"Raw numbers: `benchmarks/results/{f.stem}.json`." if
+                  f.with_suffix(".json").is_file() else "", ""]
+    return lines
+
+
+def build_results_page(studies_dir: str | Path = "results/studies", page: str | Path = "docs/results.md",
+                       benchmarks_dir: str | Path | None = None) -> Path:
+    """Write the results page from whatever studies have finished, then the benchmarks' figures
+    (``benchmarks_dir``, default ``benchmarks/results`` beside the page's folder); returns its path."""
     studies_dir, page = Path(studies_dir), Path(page)
+    benchmarks_dir = Path(benchmarks_dir) if benchmarks_dir is not None else \
+        page.resolve().parent.parent / "benchmarks" / "results"
     images = page.parent / "images" / "results"
     images.mkdir(parents=True, exist_ok=True)
     found = sorted(d.name for d in studies_dir.glob("*") if (d / "table.md").is_file() and d.name != PERFORMANCE)
@@ -106,6 +126,7 @@ def build_results_page(studies_dir: str | Path = "results/studies", page: str | 
             lines += old_sections[name]
         else:
             lines += [f"## {name}", "", f"Not run yet: `{_command(name)}`.", ""]
+    lines += _benchmark_sections(benchmarks_dir)
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text("\n".join(lines))
     return page
