@@ -6,7 +6,8 @@ gradient wrong, by input shape, against float32 on the same values.
 Each trial draws a fresh convolution (3x3x3, padding 1) and input, runs it under CPU bf16 autocast and in float32,
 and counts a result wrong when it is non-finite or off by more than ``fedtextseg.bf16_check.TOLERANCE`` (relative
 max error; bf16 rounding alone stays under 1 %). The shapes are CDPDNet's levels for common patches, among them
-the 2-voxel-deep levels that ``fedtextseg.bf16_check`` found wrong on torch 2.14.1 on an AMD EPYC (Zen 4) with AVX512-BF16.
+the 2-voxel-deep levels that ``fedtextseg.bf16_check`` found wrong on torch 2.14.1 on an AMD EPYC (Zen 4) with
+AVX512-BF16.
 Prints a table and writes ``benchmarks/results/bf16_conv3d_check.{json,md}`` with the CPU's bf16/AMX flags.
 Nothing is asserted: the engine runs the same check on a run's own shapes before it trains in bf16 on a CPU.
 """
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fedtextseg import engine
-from fedtextseg.bf16_check import TOLERANCE
+from fedtextseg.bf16_check import TOLERANCE, relative_error
 from fedtextseg.tracking import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -30,12 +31,6 @@ SHAPES = [  # (channels, depth, height, width): one row of a batch
     (32, 4, 8, 8), (32, 2, 8, 8), (16, 2, 16, 16), (64, 2, 4, 4), (16, 2, 2, 2), (64, 1, 4, 4), (16, 4, 2, 2),
     (16, 3, 4, 4),
 ]
-
-
-def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
-    if not torch.isfinite(got).all():
-        return float("inf")
-    return float((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-12))
 
 
 def wrong_rates(channels: int, spatial: tuple[int, int, int], trials: int, seed: int = 0) -> dict[str, float]:
@@ -54,7 +49,7 @@ def wrong_rates(channels: int, spatial: tuple[int, int, int], trials: int, seed:
             results.append((y.detach().float(), xi.grad, w.grad))
         (y16, gx16, gw16), (y32, gx32, gw32) = results
         for name, got, want in (("forward", y16, y32), ("input_grad", gx16, gx32), ("weight_grad", gw16, gw32)):
-            wrong[name] += int(_relative(got, want) > TOLERANCE)
+            wrong[name] += int(relative_error(got, want) > TOLERANCE)
     return {k: v / trials for k, v in wrong.items()}
 
 

@@ -47,11 +47,11 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
-
 from fedtextseg.engine import Microbatching
 from fedtextseg.errors import ConfigError, FedTextSegError
 from fedtextseg.privacy.settings import GRAD_SAMPLE_MODES as MODES
+
+log = logging.getLogger(__name__)
 
 __all__ = ["validate_model", "poisson_loader", "volume_index", "VolumeMicrobatches", "PerSampleMean", "make_private",
            "PrivateParts", "MODES", "secure_seed"]
