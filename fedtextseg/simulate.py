@@ -191,6 +191,16 @@ def flwr_run_command(project: Path, num_sites: int, run_config: dict, cpus_per_s
             "--run-config", rc]
 
 
+def threads_per_site(overrides: str, cpus_per_site: int) -> str:
+    """``overrides`` with ``run.threads`` set to the CPUs Ray reserves per simulated site, unless they set it.
+
+    An experiment's own ``run.threads`` (the demo's is 1: sites side by side on the cores) would otherwise leave
+    a site that was given 2 CPUs training on 1 of them, and Ray's OMP_NUM_THREADS is the reservation anyway."""
+    if any(part.lstrip("+~").split("=", 1)[0] == "run.threads" for part in shlex.split(overrides)):
+        return overrides
+    return f"{overrides} run.threads={cpus_per_site}".strip()
+
+
 def _whole_cpus(value) -> int:
     """A count of whole CPUs >= 1, else a ConfigError that says why (Flower reserves whole CPUs per SuperNode)."""
     try:
@@ -222,17 +232,19 @@ def simulate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-name", default=None, help="results/<run-name> (default: <experiment>-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue --run-name from its last checkpoint")
     p.add_argument("--cpus-per-site", default="1",
-                   help="whole Ray CPUs reserved per simulated SuperNode (default 1)")
+                   help="whole Ray CPUs reserved per simulated SuperNode, and its torch threads unless "
+                        "--overrides sets run.threads (default 1)")
     args = p.parse_args(argv)
     if args.resume and not args.run_name:
         raise ConfigError("--resume needs --run-name (the run to continue)")
     cpus_per_site = _whole_cpus(args.cpus_per_site)  # before any data is generated or a SuperLink started
 
-    cfg = compose_config(args.experiment, args.overrides)
+    overrides = threads_per_site(args.overrides, cpus_per_site)
+    cfg = compose_config(args.experiment, overrides)
     sites = ensure_data(cfg)
     project = configs_dir().parent
     run_name = args.run_name or f"{args.experiment}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_config = {"experiment": args.experiment, "overrides": args.overrides, "run-name": run_name,
+    run_config = {"experiment": args.experiment, "overrides": overrides, "run-name": run_name,
                   "data-root": str(data_root(cfg)),
                   "results-dir": str(Path(cfg.run.results_dir).expanduser().resolve()), "resume": args.resume}
     ensure_flower_config()

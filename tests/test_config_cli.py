@@ -80,3 +80,16 @@ def test_simulate_reserves_whole_cpus_per_site_and_refuses_fractions_up_front(tm
         with pytest.raises(ConfigError, match="whole number of CPUs"):
             simulate.simulate_main(["--cpus-per-site", bad])
     assert called == []
+
+
+def test_a_simulated_site_trains_on_the_cpus_reserved_for_it_unless_run_threads_is_set():
+    from fedtextseg.config import compose_config
+    from fedtextseg.simulate import threads_per_site
+
+    # the demo's own run.threads is 1 (sites side by side); a site given 2 CPUs must not train on 1 of them
+    assert compose_config("demo", "").run.threads == 1
+    overrides = threads_per_site("federation.rounds=2", 2)
+    assert compose_config("demo", overrides).run.threads == 2
+    assert compose_config("demo", threads_per_site("", 1)).run.threads == 1
+    for own in ("run.threads=3 federation.rounds=2", "++run.threads=3"):  # the user's own choice is kept
+        assert threads_per_site(own, 2) == own
