@@ -91,13 +91,19 @@ def test_every_study_file_parses_and_every_arm_composes(tmp_path):
     assert kinds["local"] == "local" and kinds["centralized"] == "centralized" and kinds["naive"] == "federated"
     assert math.isinf(load_study("privacy").arm("nodp").x)
     assert [a.sites for a in load_study("scaling").arms] == [2, 4, 8, 16]
-    for name in ("main", "privacy", "scaling", "communication"):
+    for name in ("main", "privacy", "scaling", "communication", "qata"):
         spec = load_study(name)
         assert {"cpu", "paper"} <= set(spec.sizes)
         for arm in spec.arms:
-            cfg = compose_config(spec.experiment, arm_overrides(spec, arm, "cpu", 2, tmp_path / "r"))
-            assert cfg.run.seed == 2 and cfg.run.name == f"{name}-{arm.name}-seed2"
-            assert cfg.privacy.ledger_dir == str(tmp_path / "r" / "privacy-ledger")
+            for size in ("cpu", "paper"):
+                cfg = compose_config(spec.experiment_for(size), arm_overrides(spec, arm, size, 2, tmp_path / "r"))
+                assert cfg.run.seed == 2 and cfg.run.name == f"{name}-{arm.name}-seed2"
+                assert cfg.privacy.ledger_dir == str(tmp_path / "r" / "privacy-ledger")
+    qata = load_study("qata")  # the GPU size starts from the paper's recipe, the CPU size from the 96 px one
+    assert (qata.experiment_for("cpu"), qata.experiment_for("paper")) == ("tgcnet_qata", "tgcnet_qata_paper")
+    paper = compose_config(qata.experiment_for("paper"), arm_overrides(qata, qata.arm("fed-image"), "paper", 0,
+                                                                       tmp_path / "r"))
+    assert paper.model.name == "tgcnet_paper" and paper.model.kwargs.text_mode == "none"
     naive = compose_config("demo", arm_overrides(main, main.arm("naive"), "cpu", 0, tmp_path / "r"))
     assert naive.train.loss == "naive" and naive.model.kwargs.text_conditioning is False
 
@@ -114,6 +120,11 @@ def test_a_size_may_name_the_arms_it_trains_and_only_arms_the_study_has(tmp_path
     study["sizes"]["cpu"] = {"seeds": 1, "arm": ["a"]}
     path.write_text(yaml.safe_dump(study))
     with pytest.raises(ConfigError, match=r"size 'cpu' has unknown key\(s\) \['arm'\]"):
+        load_study(path)
+    study["sizes"]["cpu"] = {"seeds": 1}
+    study["extra_columns"] = ["unseen_pooled_mean", "pooled"]
+    path.write_text(yaml.safe_dump(study))
+    with pytest.raises(ConfigError, match=r"unknown extra_columns \['pooled'\]"):
         load_study(path)
 
 

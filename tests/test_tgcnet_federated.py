@@ -163,14 +163,43 @@ def test_qata_kind_splits_and_holds_out_valid(tmp_path):
         ensure_data(missing, log_fn=lambda *_: None)
 
 
-def test_qata_study_skips_cleanly_without_the_dataset(tmp_path, monkeypatch, capsys):
-    """The study exits 0 with a message (and writes nothing) when the QaTa-COV19 folder is absent."""
-    import importlib.util
+def test_qata_is_a_study_of_the_one_runner_with_both_dice_definitions(tmp_path):
+    """``fedtextseg study qata``: the study runner trains a federated and a centralized arm on QaTa-shaped data, and
+    the table and records carry the unseen (valid/) per-image mean and pooled Dice; a smoke run (extra overrides)
+    never replaces the exported figures, a full one writes them as {arm: {"dice_per_image", "dice_pooled"}}."""
+    import dataclasses
+    import json
 
-    path = Path(__file__).resolve().parents[1] / "simulations" / "qata_study.py"
-    spec = importlib.util.spec_from_file_location("qata_study", path)
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
-    monkeypatch.setenv("FEDTEXTSEG_QATA", str(tmp_path / "absent"))
-    assert study.main(["--out", str(tmp_path / "out")]) == 0
-    assert "skipped: QaTa-COV19 not found" in capsys.readouterr().out and not (tmp_path / "out").exists()
+    from fedtextseg.studies.runner import export_figures, run_study
+    from fedtextseg.studies.spec import load_study
+
+    source = _fake_qata(tmp_path / "qata-src")
+    spec = load_study("qata")
+    exported = Path(spec.export) if Path(spec.export).is_absolute() else Path(__file__).resolve().parents[1] / spec.export
+    before = exported.read_bytes() if exported.is_file() else None
+    extra = [f"data.root={tmp_path}/qata", f"data.generate.source={source}", "model=tgcnet_tiny",
+             "model.kwargs.image_size=64", "federation.rounds=1", "train.local_steps=1", "train.batch_size=2",
+             "run.device=cpu"]
+    folder = run_study("qata", out=tmp_path / "studies", arms=["fed-text", "central-text"], extra=extra, jobs=1,
+                       log_fn=lambda *_: None)
+    assert (exported.read_bytes() if exported.is_file() else None) == before  # the smoke run left it alone
+    table = (folder / "table.md").read_text()
+    header = table.splitlines()[table.splitlines().index("## Summary") + 2]
+    assert header.index("unseen mean Dice") < header.index("unseen pooled Dice")  # per-image mean, then pooled
+    records = [json.loads((folder / "runs" / arm / "seed0" / "result.json").read_text())
+               for arm in ("fed-text", "central-text")]
+    for record in records:
+        assert set(record["unseen_dice"]) == {"lung infection"} == set(record["unseen_pooled"])
+        assert 0.0 <= record["unseen_pooled_mean"] <= 1.0 and 0.0 <= record["unseen_mean"] <= 1.0
+    info = json.loads((folder / "study.json").read_text())
+    target = tmp_path / "qata.json"
+    export_figures(dataclasses.replace(spec, export=str(target)), [spec.arm("fed-text")], records, info)
+    figures = json.loads(target.read_text())
+    assert set(figures) == {"fed-text"}
+    assert figures["fed-text"]["dice_per_image"] == pytest.approx(records[0]["unseen_mean"])
+    assert figures["fed-text"]["dice_pooled"] == pytest.approx(records[0]["unseen_pooled_mean"])
+    export_figures(dataclasses.replace(spec, export=str(target)), [spec.arm("central-text")], records, info)
+    assert set(json.loads(target.read_text())) == {"fed-text", "central-text"}  # other arms' entries kept
+    with pytest.raises(SiteError, match="QaTa-COV19 not found"):
+        run_study("qata", out=tmp_path / "none", arms=["fed-text"], jobs=1, log_fn=lambda *_: None,
+                  extra=[f"data.root={tmp_path}/none", f"data.generate.source={tmp_path}/absent"])

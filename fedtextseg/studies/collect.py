@@ -5,7 +5,9 @@ A run record (:func:`summarise_run`) reads what the run wrote (``metrics.jsonl``
 
 * ``site_dice``: ``{site: {class: Dice}}`` of the final model on each training site's validation cases (only the
   classes that site annotates); ``unseen_dice``: ``{class: Dice}`` on the unseen, fully labeled hospital.
-* ``site_mean`` / ``unseen_mean``: the means over those cells (NaNs skipped).
+* ``site_mean`` / ``unseen_mean``: the means over those cells (NaNs skipped). ``unseen_pooled`` /
+  ``unseen_pooled_mean``: the same with pooled Dice (voxels summed over the unseen hospital's cases; local-only
+  runs have none).
 * local-only runs (one model per site): a site's cell is its own model; an unseen class is the mean over the
   models of the sites that annotate it; ``cross_site`` is ``{model's site: {evaluated site: mean Dice}}``.
 * ``wire_bytes`` (per round per site, each way), ``full_model_bytes`` (full-model FedAvg), ``frozen_bytes`` (sent
@@ -54,8 +56,8 @@ def _by_site(table: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]
     return out
 
 
-def _unseen(rows: list[dict]) -> dict[str, Any]:
-    return {cls: next(iter(per.values())) for cls, per in dice_table(rows, "unseen_eval").items() if per}
+def _unseen(rows: list[dict], key: str = "dice") -> dict[str, Any]:
+    return {cls: next(iter(per.values())) for cls, per in dice_table(rows, "unseen_eval", key=key).items() if per}
 
 
 def _train_seconds(rows: Iterable[Mapping]) -> float:
@@ -75,6 +77,7 @@ def _federated_like(run_dir: Path) -> dict[str, Any]:
     return {
         "site_dice": _by_site(dice_table(rows, "site_eval")),
         "unseen_dice": _unseen(rows),
+        "unseen_pooled": _unseen(rows, "dice_pooled"),
         "wire_bytes": meta.get("wire_bytes"),
         "full_model_bytes": meta.get("full_model_bytes"),
         "frozen_bytes": meta.get("frozen_bytes"),
@@ -120,6 +123,7 @@ def summarise_run(run_dir: str | Path, kind: str, *, measured: Mapping[str, Any]
     cells = [v for per in record["site_dice"].values() for v in per.values()]
     record["site_mean"] = finite_mean(cells)
     record["unseen_mean"] = finite_mean(record["unseen_dice"].values())
+    record["unseen_pooled_mean"] = finite_mean((record.get("unseen_pooled") or {}).values())
     rounds = record.get("rounds")
     if rounds and record.get("wall_s") is not None:
         record["s_per_round"] = float(record["wall_s"]) / int(rounds)
@@ -128,8 +132,8 @@ def summarise_run(run_dir: str | Path, kind: str, *, measured: Mapping[str, Any]
     return record
 
 
-SCALARS = ("site_mean", "unseen_mean", "wall_s", "s_per_round", "train_s_per_round", "peak_mb", "wire_bytes",
-           "full_model_bytes", "frozen_bytes", "epsilon", "declined", "failed")
+SCALARS = ("site_mean", "unseen_mean", "unseen_pooled_mean", "wall_s", "s_per_round", "train_s_per_round", "peak_mb",
+           "wire_bytes", "full_model_bytes", "frozen_bytes", "epsilon", "declined", "failed")
 
 
 def aggregate_seeds(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

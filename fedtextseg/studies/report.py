@@ -31,6 +31,8 @@ SUMMARY_COLUMNS = (
     ("declined", "site-rounds declined", 1.0, 0),
     ("failed", "site-rounds failed", 1.0, 0),
 )
+# columns a study file may add after those (``extra_columns``, spec.EXTRA_COLUMNS), e.g. QaTa-COV19's pooled Dice
+EXTRA_COLUMNS = {"unseen_pooled_mean": ("unseen_pooled_mean", "unseen pooled Dice", 1.0, 3)}
 
 
 def fmt_mean_std(stat: Sequence[float] | None, digits: int = 3, scale: float = 1.0) -> str:
@@ -49,7 +51,8 @@ def _x_text(x: Any) -> str:
 
 
 def _summary_lines(spec: StudySpec, grouped) -> list[str]:
-    cols = [c for c in SUMMARY_COLUMNS if any(agg["scalars"][c[0]][2] for _, agg in grouped)]
+    cols = [c for c in (*SUMMARY_COLUMNS, *(EXTRA_COLUMNS[k] for k in spec.extra_columns))
+            if any(agg["scalars"][c[0]][2] for _, agg in grouped)]
     xh = [spec.x_axis.get("label", "x")] if any(a.x is not None for a, _ in grouped) else []
     head = ["arm", "kind", *xh, "seeds", *[c[1] for c in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -118,7 +121,8 @@ def write_study_outputs(spec: StudySpec, arms: Sequence[ArmSpec], records: Seque
               f"{machine.get('torch')}. Command: `{info.get('command')}`.",
               f"Budget: {first.get('rounds')} rounds x {first.get('local_steps')} local steps per site "
               f"(centralized: the same gradient steps on the pooled data; local only: the same steps per site), "
-              f"base experiment `{spec.experiment}`, seeds {list(info.get('seeds') or [])}; mean ± std over seeds. "
+              f"base experiment `{spec.experiment_for(info.get('size') or 'cpu')}`, seeds "
+              f"{list(info.get('seeds') or [])}; mean ± std over seeds. "
               f"Resolved configs: `configs/<arm>-seed<k>.yaml`.", "", "## Summary", "", *_summary_lines(spec, grouped),
               "", "## Per-class Dice", "",
               "Final model on each training site's validation cases (only where the site annotates the class) and "

@@ -35,7 +35,7 @@ from fedtextseg.errors import ConfigError, FedTextSegError
 from fedtextseg.studies.collect import summarise_run
 from fedtextseg.studies.spec import ArmSpec, StudySpec, arm_overrides, list_studies, load_study
 
-__all__ = ["run_study", "run_arm_seed", "resolve_jobs", "machine_info", "PeakMemory", "study_main"]
+__all__ = ["run_study", "run_arm_seed", "export_figures", "resolve_jobs", "machine_info", "PeakMemory", "study_main"]
 
 
 def machine_info() -> dict[str, Any]:
@@ -105,7 +105,7 @@ def run_arm_seed(spec: StudySpec, arm: ArmSpec, size: str, seed: int, out: Path,
     run_dir = out / "runs" / arm.name / f"seed{seed}"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh record (and privacy ledger) every time
-    cfg = compose_config(spec.experiment, arm_overrides(spec, arm, size, seed, run_dir, extra))
+    cfg = compose_config(spec.experiment_for(size), arm_overrides(spec, arm, size, seed, run_dir, extra))
     if arm.sites:
         _select_sites(cfg, arm.sites)
     cfg = with_federation_label_space(cfg)
@@ -205,7 +205,32 @@ def run_study(name: str, *, size: str = "cpu", seeds: int | None = None, out: st
     (folder / "study.json").write_text(json.dumps(info, indent=2, default=_json_default))
     write_study_outputs(spec, chosen, records, info, folder)
     log_fn(f"study {spec.name}: wrote {folder / 'table.md'} ({len(records)} runs)")
+    if spec.export and not extra:  # a smoke run (extra overrides) never replaces the published figures
+        log_fn(f"study {spec.name}: wrote {export_figures(spec, chosen, records, info)}")
     return folder
+
+
+def export_figures(spec: StudySpec, arms: Sequence[ArmSpec], records: Sequence[dict], info: dict) -> Path:
+    """The study's headline numbers as ``{arm: {"dice_per_image", "dice_pooled", ...}}`` in ``spec.export`` (from
+    the project root): the unseen hospital's per-image mean and pooled Dice, mean over seeds with their std. Arms
+    not run this time keep their earlier entry."""
+    from fedtextseg.config import configs_dir
+    from fedtextseg.studies.collect import group_by_arm
+
+    path = Path(spec.export)
+    path = path if path.is_absolute() else configs_dir().parent / path
+    figures = json.loads(path.read_text()) if path.is_file() else {}
+    for arm, agg in group_by_arm(arms, records):
+        (dice, dice_std, n), (pooled, pooled_std, _) = (agg["scalars"]["unseen_mean"],
+                                                         agg["scalars"]["unseen_pooled_mean"])
+        entry = {"dice_per_image": dice, "dice_pooled": pooled, "dice_per_image_std": dice_std,
+                 "dice_pooled_std": pooled_std, "seeds": n, "kind": arm.kind, "label": arm.title,
+                 "size": info["size"], "date": info["date"], "cpu": info["machine"].get("cpu_model"),
+                 "device": info["machine"].get("device"), "wall_s": agg["scalars"]["wall_s"][0]}
+        figures[arm.name] = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in entry.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2, default=_json_default) + "\n")
+    return path
 
 
 def resolve_jobs(jobs: int | str) -> int:
@@ -229,7 +254,7 @@ def _prepare_data(spec: StudySpec, arms: Sequence[ArmSpec], size: str, out: Path
 
     seen = set()
     for arm in arms:
-        cfg = compose_config(spec.experiment, arm_overrides(spec, arm, size, 0, out / "prepare", extra))
+        cfg = compose_config(spec.experiment_for(size), arm_overrides(spec, arm, size, 0, out / "prepare", extra))
         if data_root(cfg) not in seen:
             seen.add(data_root(cfg))
             ensure_data(cfg, log_fn=log_fn)

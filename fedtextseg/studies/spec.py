@@ -7,6 +7,8 @@ A study file::
     experiment: demo           # the base experiment every arm composes (inherits its training recipe)
     figures: [dice_by_arm]     # figure kinds (fedtextseg.studies.plots.FIGURES)
     x_axis: {key: epsilon, label: "target epsilon", log: true}   # optional: arms' ``x`` values for line plots
+    extra_columns: [unseen_pooled_mean]   # optional: summary columns after the standard ones (EXTRA_COLUMNS)
+    export: benchmarks/results/qata.json  # optional: each arm's headline numbers as JSON (from the project root)
     arms:
       - name: fedtextseg       # folder and column name
         label: fedtextseg      # what tables and plots show
@@ -16,10 +18,11 @@ A study file::
         sites: 4               # optional: use the first N sites of the data root (scaling)
     sizes:                     # budgets: rounds, local steps, seeds, evaluation cases ...
       cpu:   {seeds: 3, overrides: [federation.rounds=3, ...], arms: [fedtextseg]}   # arms: optional subset
-      paper: {seeds: 3, overrides: [model=cdpdnet_paper, ...]}
+      paper: {seeds: 3, experiment: demo_paper, overrides: [...]}   # experiment: optional, this size's base
 
 A size's ``arms`` (optional) are the arms a run of that size trains when the caller names none (``--arms``): a CPU
-budget may measure fewer points of a curve than a GPU one.
+budget may measure fewer points of a curve than a GPU one. Its ``experiment`` (optional) replaces the study's base
+experiment for that size (a GPU size that starts from the paper's recipe).
 
 :func:`arm_overrides` is the full list an arm's run composes: size, then arm, then the caller's extra overrides,
 then the run's own bookkeeping (seed, name, privacy ledger inside the run folder).
@@ -40,6 +43,7 @@ from fedtextseg.errors import ConfigError
 __all__ = ["ArmSpec", "StudySpec", "list_studies", "load_study", "arm_overrides", "ARM_KINDS"]
 
 ARM_KINDS = ("federated", "centralized", "local")
+EXTRA_COLUMNS = ("unseen_pooled_mean",)  # summary columns a study may add (their headers: studies.report)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class StudySpec:
     sizes: dict[str, dict[str, Any]]
     figures: tuple[str, ...] = ()
     x_axis: dict[str, Any] = field(default_factory=dict)
+    extra_columns: tuple[str, ...] = ()
+    export: str | None = None
     path: Path | None = None
 
     def arm(self, name: str) -> ArmSpec:
@@ -82,6 +88,10 @@ class StudySpec:
         if name not in self.sizes:
             raise ConfigError(f"study {self.name!r} has no size {name!r}; sizes: {', '.join(self.sizes)}")
         return self.sizes[name]
+
+    def experiment_for(self, size: str) -> str:
+        """The base experiment a run of ``size`` composes: the size's own, else the study's."""
+        return str(self.size(size).get("experiment") or self.experiment)
 
 
 def _study_dir() -> Path:
@@ -136,22 +146,28 @@ def load_study(name_or_path: str | Path) -> StudySpec:
     if "cpu" not in sizes:
         raise ConfigError(f"{path}: a study needs a 'cpu' size (the 2-core default)")
     for size_name, budget in sizes.items():
-        unknown = set(budget) - {"seeds", "overrides", "arms"}
+        unknown = set(budget) - {"seeds", "overrides", "arms", "experiment"}
         if unknown:
             raise ConfigError(f"{path}: size {size_name!r} has unknown key(s) {sorted(unknown)}; "
-                              "a size has seeds, overrides and (optional) arms")
+                              "a size has seeds, overrides and (optional) arms and experiment")
         strangers = [a for a in budget.get("arms") or () if a not in names]
         if strangers:
             raise ConfigError(f"{path}: size {size_name!r} lists arm(s) {strangers} the study does not define; "
                               f"arms: {', '.join(names)}")
+    strangers = [c for c in raw.get("extra_columns") or () if c not in EXTRA_COLUMNS]
+    if strangers:
+        raise ConfigError(f"{path}: unknown extra_columns {strangers}; choose from {', '.join(EXTRA_COLUMNS)}")
     return StudySpec(name=path.stem, title=str(raw.get("title") or path.stem), question=str(raw.get("question") or ""),
                      experiment=str(raw.get("experiment") or "demo"), arms=arms, sizes=sizes,
-                     figures=tuple(raw.get("figures") or ()), x_axis=dict(raw.get("x_axis") or {}), path=path)
+                     figures=tuple(raw.get("figures") or ()), x_axis=dict(raw.get("x_axis") or {}),
+                     extra_columns=tuple(str(c) for c in raw.get("extra_columns") or ()),
+                     export=str(raw["export"]) if raw.get("export") else None, path=path)
 
 
 def arm_overrides(spec: StudySpec, arm: ArmSpec, size: str, seed: int, run_dir: Path,
                   extra: Sequence[str] = ()) -> list[str]:
-    """Everything one run composes over ``spec.experiment``: size budget, arm, caller's extras, bookkeeping."""
+    """Everything one run composes over ``spec.experiment_for(size)``: size budget, arm, caller's extras,
+    bookkeeping."""
     budget = spec.size(size)
     return [*[str(o) for o in budget.get("overrides") or ()], *arm.overrides, *extra,
             f"run.seed={int(seed)}", f"run.name={spec.name}-{arm.name}-seed{int(seed)}",
