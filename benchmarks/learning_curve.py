@@ -31,7 +31,7 @@ def learning_curve(experiment: str, overrides: str, steps: int, eval_every: int,
     from fedtextseg import engine
     from fedtextseg.config import compose_config
     from fedtextseg.data.dataset import make_loader
-    from fedtextseg.data.phantom import ORGANS
+    from fedtextseg.synthetic.phantom import ORGANS
     from fedtextseg.runtime import SiteRunner, build_model, prepare_bank
     from fedtextseg.sites import ensure_data, unseen_site
 

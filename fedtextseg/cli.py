@@ -15,7 +15,7 @@ from fedtextseg.errors import FedTextSegError
 
 # subcommand -> (module, function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "synth": ("fedtextseg.data.synthetic", "synth_main", "write synthetic partially labeled hospitals (NIfTI)"),
+    "synth": ("fedtextseg.synthetic.ct", "synth_main", "write synthetic partially labeled hospitals (NIfTI)"),
     "check-site": ("fedtextseg.data.checks", "check_site_main", "validate a site folder and summarise it"),
     "embed-text": ("fedtextseg.text.encoders", "embed_text_main", "encode class/task prompts into an embedding bank"),
     "train": ("fedtextseg.centralized", "train_main", "centralized (pooled) training on one or more sites"),

@@ -68,14 +68,18 @@ def ensure_data(cfg: DictConfig, log_fn=print) -> list[Path]:
     root = data_root(cfg)
     gen = cfg.data.get("generate")
     kind = str(cfg.data.get("kind") or "synthetic")
-    if gen and kind in ("xray", "qata") and not (root / "federation.yaml").is_file():
-        from fedtextseg.config import configs_dir  # 2D chest X-rays: synthetic hospitals or the QaTa-COV19 split
-        from fedtextseg.data.synthetic_xray import prepare_xray_federation
+    if gen and kind == "xray" and not (root / "federation.yaml").is_file():
+        from fedtextseg.synthetic.xray import prepare_synthetic_xray_federation  # 2D synthetic chest X-rays
 
-        prepare_xray_federation(kind, root, gen, unseen=cfg.data.get("unseen"), log_fn=log_fn,
+        prepare_synthetic_xray_federation(root, gen, unseen=cfg.data.get("unseen"), log_fn=log_fn)
+    elif gen and kind == "qata" and not (root / "federation.yaml").is_file():
+        from fedtextseg.config import configs_dir  # the real QaTa-COV19 X-rays, split into hospitals
+        from fedtextseg.data.qata import prepare_qata_federation
+
+        prepare_qata_federation(root, gen, unseen=cfg.data.get("unseen"), log_fn=log_fn,
                                 project_root=configs_dir().parent)
     elif gen and not (root / "federation.yaml").is_file():
-        from fedtextseg.data.synthetic import generate_hospitals
+        from fedtextseg.synthetic.ct import generate_hospitals
 
         log_fn(f"generating synthetic hospitals in {root} ({gen.sites} sites x {gen.cases_per_site} cases, "
                f"shape {list(gen.shape)}, seed {gen.seed}) ...")

@@ -157,7 +157,7 @@ def test_vocabulary_option_is_used(site_root, capsys):
 def test_xray_sites_are_delegated_and_notes_do_not_fail(tmp_path, capsys):
     from PIL import Image
 
-    from fedtextseg.data.synthetic_xray import generate_xray_hospitals
+    from fedtextseg.synthetic.xray import generate_xray_hospitals
 
     (root,) = generate_xray_hospitals(tmp_path, sites=1, images_per_site=3, size=32)
     report = check_site(root)

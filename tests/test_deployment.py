@@ -302,7 +302,7 @@ def test_superlink_tls_supernode_auth_one_round(tmp_path, processes):
                env, tmp_path).stdout
     assert "127.0.0.1" in san and "localhost" in san and "superlink.test" in san, san
 
-    from fedtextseg.data.synthetic import generate_hospitals
+    from fedtextseg.synthetic.ct import generate_hospitals
 
     data = tmp_path / "data"
     generate_hospitals(data, sites=2, cases_per_site=2, seed=0, shape=(32, 32, 32), unseen=False)

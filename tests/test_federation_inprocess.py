@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedtextseg.config import compose_config
-from fedtextseg.data.synthetic import generate_hospitals
+from fedtextseg.synthetic.ct import generate_hospitals
 from fedtextseg.federation.aggregation import SiteUpdate
 from fedtextseg.federation.coordinator import Coordinator
 from fedtextseg.federation.inprocess import run_federation_inprocess

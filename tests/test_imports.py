@@ -108,3 +108,12 @@ def test_reading_a_site_description_imports_neither_torch_nor_monai():
             "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_synthetic_generators_are_their_own_package_that_only_ensure_data_reaches():
+    """Synthetic hospitals (CT, X-ray) write site folders; the readers, models and federation never import them."""
+    graph = import_graph()
+    generators = {m for m in graph if m == "fedtextseg.synthetic" or m.startswith("fedtextseg.synthetic.")}
+    assert {"fedtextseg.synthetic.ct", "fedtextseg.synthetic.phantom", "fedtextseg.synthetic.xray"} <= generators
+    importers = {m for m, deps in graph.items() if deps & generators and m not in generators}
+    assert importers == {"fedtextseg.sites"}  # ensure_data (`fedtextseg synth` names its module in cli's table)

@@ -156,7 +156,7 @@ def _simulate(tmp_path, monkeypatch, privacy: dict | None = None, site2_privacy:
 
     import client.app
     import server.app
-    from fedtextseg.data.synthetic import generate_hospitals
+    from fedtextseg.synthetic.ct import generate_hospitals
 
     sites = generate_hospitals(tmp_path / "data", sites=2, cases_per_site=3, seed=0, shape=(32, 32, 32), unseen=False)
     if site2_privacy:

@@ -572,7 +572,7 @@ def test_secure_aggregation_refuses_rules_that_need_individual_updates():
 def test_dp_round_after_an_evaluation_trains(tmp_path):
     """A site evaluates the global model (eval mode) between DP rounds; the next DP round must still train."""
     from fedtextseg.config import compose_config
-    from fedtextseg.data.synthetic import generate_hospitals
+    from fedtextseg.synthetic.ct import generate_hospitals
     from fedtextseg.federation.inprocess import run_federation_inprocess
     from fedtextseg.text import build_bank
 

@@ -12,7 +12,7 @@ import yaml
 
 from fedtextseg.cli import main as cli_main
 from fedtextseg.config import compose_config
-from fedtextseg.data.synthetic import PROFILES, ScannerTraits, _rng, _values_of, make_phantom
+from fedtextseg.synthetic.ct import PROFILES, ScannerTraits, _rng, _values_of, make_phantom
 from fedtextseg.federation.inprocess import run_federation_inprocess
 from fedtextseg.text import build_bank
 

@@ -75,7 +75,7 @@ def test_report_of_federated_records_without_model(tmp_path, capsys):
 def test_report_of_a_tiny_real_run(tmp_path):
     from fedtextseg.centralized import train_centralized
     from fedtextseg.config import compose_config
-    from fedtextseg.data.synthetic import generate_hospitals
+    from fedtextseg.synthetic.ct import generate_hospitals
 
     data = tmp_path / "data"
     generate_hospitals(data, sites=2, cases_per_site=2, seed=0, shape=(32, 32, 32))

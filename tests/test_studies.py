@@ -179,7 +179,7 @@ def test_results_page_ends_with_every_benchmarks_latest_figures(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     """Two tiny synthetic hospitals + an unseen one, a prebuilt text bank, and a study file over them."""
-    from fedtextseg.data.synthetic import generate_hospitals
+    from fedtextseg.synthetic.ct import generate_hospitals
     from fedtextseg.text import build_bank
 
     root = tmp_path_factory.mktemp("study")

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from scipy import ndimage as ndi
 
-from fedtextseg.data.phantom import FULL_LABEL_VALUES as FULL
-from fedtextseg.data.phantom import MODELED_CLASSES, TUMOR_HOSTS
+from fedtextseg.synthetic.phantom import FULL_LABEL_VALUES as FULL
+from fedtextseg.synthetic.phantom import MODELED_CLASSES, TUMOR_HOSTS
 from fedtextseg.data.site import load_site
-from fedtextseg.data.synthetic import (
+from fedtextseg.synthetic.ct import (
     ScannerTraits,
     generate_hospitals,
     load_synthetic_case,

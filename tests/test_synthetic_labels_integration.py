@@ -5,7 +5,7 @@ import numpy as np
 
 from fedtextseg.data.labels import labels_to_channels
 from fedtextseg.data.site import load_site
-from fedtextseg.data.synthetic import generate_hospitals, load_synthetic_case
+from fedtextseg.synthetic.ct import generate_hospitals, load_synthetic_case
 from fedtextseg.vocab import get_vocabulary
 
 

@@ -10,14 +10,8 @@ import pytest
 from PIL import Image
 
 from fedtextseg.data.site import load_site
-from fedtextseg.data.synthetic_xray import (
-    SIDES,
-    ZONES,
-    generate_xray_hospitals,
-    parse_qata_caption,
-    qata_caption,
-    render_xray,
-)
+from fedtextseg.data.qata import SIDES, ZONES, parse_qata_caption, qata_caption
+from fedtextseg.synthetic.xray import generate_xray_hospitals, render_xray
 from fedtextseg.data.xray import check_xray_site
 
 QATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "qata-cov19"

@@ -175,7 +175,7 @@ def test_trains_on_a_synthetic_site_batch(tmp_path):
     from monai.data import DataLoader
 
     from fedtextseg.data.site import load_site
-    from fedtextseg.data.synthetic_xray import generate_xray_hospitals
+    from fedtextseg.synthetic.xray import generate_xray_hospitals
     from fedtextseg.data.xray import xray_dataset
 
     site = load_site(generate_xray_hospitals(tmp_path, sites=1, images_per_site=4, size=64, seed=0)[0])

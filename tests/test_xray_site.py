@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from fedtextseg.data.site import load_site
-from fedtextseg.data.synthetic_xray import split_qata
+from fedtextseg.data.qata import split_qata
 from fedtextseg.data.xray import check_xray_site, load_png, mask_to_channels, xray_dataset, xray_transforms
 from fedtextseg.errors import SiteError
 from fedtextseg.vocab import get_vocabulary

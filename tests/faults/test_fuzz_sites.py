@@ -213,7 +213,7 @@ def test_any_site_description(fresh, spec, label_map, duplicate, as_msd):
 # ---------------------------------------------------------------- PNG + CSV sites
 @pytest.fixture(scope="module")
 def xray_pristine(tmp_path_factory):
-    from fedtextseg.data.synthetic_xray import generate_xray_hospitals
+    from fedtextseg.synthetic.xray import generate_xray_hospitals
 
     (root,) = generate_xray_hospitals(tmp_path_factory.mktemp("xray"), sites=1, images_per_site=3, size=24)
     return root

@@ -31,14 +31,15 @@ import numpy as np
 import yaml
 from scipy import ndimage as ndi
 
-from fedtextseg.data.phantom import FULL_LABEL_VALUES, TUMORS, draw_patient, fov_circle_mask
+from fedtextseg.synthetic.phantom import FULL_LABEL_VALUES, TUMORS, draw_patient, fov_circle_mask
 from fedtextseg.errors import ConfigError, FedTextSegError, SiteError
 from fedtextseg.vocab import get_vocabulary
 
 __all__ = ["ScannerTraits", "Phantom", "make_phantom", "SiteProfile", "PROFILES", "PROFILE_ORDER", "UNSEEN",
            "generate_hospitals", "site_traits", "load_synthetic_case", "synth_main", "GENERATOR"]
 
-GENERATOR, VERSION = "fedtextseg.data.synthetic", 1
+GENERATOR, VERSION = "fedtextseg.synthetic.ct", 1
+_EARLIER_GENERATORS = ("fedtextseg.data.synthetic",)  # the same generator before it moved (folders it wrote)
 VOCABULARY = "abdomen-ct"
 _CASE_RE = re.compile(r"^case_\d{3}\.nii\.gz$")
 _ORIENTATIONS = ("LPS", "RAS", "LAS", "LPI")
@@ -115,7 +116,7 @@ class Phantom:
 
 def make_phantom(rng: np.random.Generator, shape: Sequence[int], traits: ScannerTraits,
                  tumors: Sequence[str] = ()) -> Phantom:
-    """Draw a patient (:func:`~fedtextseg.data.phantom.draw_patient`) and scan it with ``traits``."""
+    """Draw a patient (:func:`~fedtextseg.synthetic.phantom.draw_patient`) and scan it with ``traits``."""
     pat = draw_patient(rng, shape, traits.spacing, patient_size=traits.patient_size, table=traits.table,
                        fov_circle=traits.pad_value is not None, tumors=tumors)
     hu = pat.hu_image(traits.contrast)
@@ -241,8 +242,9 @@ def _is_ours(yaml_path: Path) -> bool:
     except (OSError, yaml.YAMLError):
         return False
     block = data.get("synthetic") if isinstance(data, dict) else None
-    return isinstance(data, dict) and (data.get("generator") == GENERATOR
-                                       or (isinstance(block, dict) and block.get("generator") == GENERATOR))
+    ours = (GENERATOR, *_EARLIER_GENERATORS)
+    return isinstance(data, dict) and (data.get("generator") in ours
+                                       or (isinstance(block, dict) and block.get("generator") in ours))
 
 
 def _clear_previous(out: Path, targets: list[str]) -> None:

@@ -7,7 +7,7 @@ loops with gas, lung bases over diaphragm domes, and the modelled organs as supe
 random displacement field and roughened by smooth random perturbations. Tumours are painted strictly inside their
 organ (a rim of organ surrounds every tumour voxel). :func:`draw_patient` returns a :class:`Patient`: tissue codes
 on the canonical grid, per-tissue HU (a + b * contrast phase) and texture; the scanner (noise, blur, calibration,
-storage orientation, affine) is modelled in :mod:`fedtextseg.data.synthetic`. Deterministic for a given
+storage orientation, affine) is modelled in :mod:`fedtextseg.synthetic.ct`. Deterministic for a given
 :class:`numpy.random.Generator` state; smooth fields are drawn on millimetre node grids, so a seed's anatomy hardly
 depends on the voxel grid.
 """
