@@ -64,7 +64,7 @@ def _config(context: Context):
             cfg.data.root = key[2]
         _CONFIGS[key] = cfg
     cfg = _CONFIGS[key]
-    threads = cfg.run.get("threads")
+    threads = cfg.run.threads
     if threads:
         torch.set_num_threads(int(threads))
     return cfg
@@ -139,7 +139,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         runner, _ = _runner(msg, context)
     except Exception as exc:
         return _error_reply(msg, exc)
-    n_cases = min(len(runner.data.val_cases), int(runner.cfg.eval.get("max_cases") or len(runner.data.val_cases)))
+    n_cases = min(len(runner.data.val_cases), int(runner.cfg.eval.max_cases or len(runner.data.val_cases)))
     summary = screen_eval_summary(runner.cfg, runner.evaluate(), n_cases)  # privacy.min_samples_for_metrics
     content = eval_reply_content(summary, runner.site.vocabulary.class_names, len(runner.data.val_cases))
     content[wire.SITE] = ConfigRecord({"name": runner.site.name})

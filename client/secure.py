@@ -49,7 +49,7 @@ def is_secure_train(msg: Message) -> bool:
 def prepare_reply(msg: Message, context: Context, cfg) -> Message:
     """Cache the announced frozen bundle (raises ``missing-frozen`` if neither sent nor cached); site metadata back."""
     receive_frozen(msg.content, site_frozen_cache(cfg))
-    site = load_site(resolve_site_path(cfg, context.node_config), cfg.data.get("vocabulary"))
+    site = load_site(resolve_site_path(cfg, context.node_config), cfg.data.vocabulary)
     train, _ = split_cases(site.cases, float(cfg.data.val_fraction), int(cfg.run.seed))
     info = {"name": site.name, "task": site.task, "annotated": list(site.annotated) or [""],
             wire.TRAIN_VOLUMES: len(train)}
@@ -79,7 +79,7 @@ def secure_train(msg: Message, context: Context, train_fn) -> Message:
     metrics = record_to_metrics(reply.content.metric_records[wire.METRICS])
     n = int(metrics.pop(wire.NUM_EXAMPLES))
     declined = float(metrics.get("privacy/declined", 0.0)) > 0.5
-    weight = secure_weight(SimpleNamespace(federation={"weighting": conf.get(wire.WEIGHTING, "examples")}), n, declined)
+    weight = secure_weight(str(conf.get(wire.WEIGHTING, "examples")), n, declined)
     spec = SimpleNamespace(shared=groups["shared"], per_class={k: int(v) for k, v in groups["per_class"].items()})
     vector = encode_update(global_arrays, local, annotated, spec, clip=float(conf.get(wire.CLIPPING_RANGE, 1.0)))
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(vector), weight,

@@ -32,15 +32,15 @@ def federation_label_space(cfg: DictConfig) -> list[str]:
     from fedtextseg.data.site import load_site
     from fedtextseg.vocab import get_vocabulary
 
-    vocab = get_vocabulary(cfg.data.get("vocabulary"))
+    vocab = get_vocabulary(cfg.data.vocabulary)
     annotated = {c for path in ensure_data(cfg, log_fn=lambda *_: None)
-                 for c in load_site(path, cfg.data.get("vocabulary")).annotated}
+                 for c in load_site(path, cfg.data.vocabulary).annotated}
     return [c for c in vocab.class_names if c in annotated]
 
 
 def with_federation_label_space(cfg: DictConfig) -> DictConfig:
     """``cfg`` with ``train.naive_classes`` = :func:`federation_label_space` for a naive run that names none."""
-    if cfg.train.loss != "naive" or cfg.train.get("naive_classes"):
+    if cfg.train.loss != "naive" or cfg.train.naive_classes:
         return cfg
     out = copy.deepcopy(cfg)
     out.train.naive_classes = federation_label_space(cfg)

@@ -69,7 +69,7 @@ def train_centralized(cfg: DictConfig, run_dir: str | Path, *, epochs: int | Non
         if unseen is not None:
             unseen.model = model
             # every case in the final epoch, eval.max_cases of them before (as the federation's server does)
-            summary = unseen.evaluate(unseen_ds, max_cases=None if epoch == epochs else cfg.eval.get("max_cases"))
+            summary = unseen.evaluate(unseen_ds, max_cases=None if epoch == epochs else cfg.eval.max_cases)
             recorder.log_per_class("unseen_eval", epoch, f"unseen:{unseen.site.name}", summary)
             log_fn(f"epoch {epoch}/{epochs}: loss {stats.loss:.4f}, unseen mean Dice {mean_over_classes(summary):.3f}")
     from fedtextseg.model_file import save_model_file

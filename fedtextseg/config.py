@@ -1,4 +1,5 @@
-"""The one config source: Hydra composes ``configs/`` into a resolved config; runs record it beside their results.
+"""The one config source: Hydra composes ``configs/`` over the schema of :mod:`fedtextseg.config_schema` into a
+resolved config; runs record it beside their results.
 
 ``compose_config("demo", ["federation.rounds=2"])`` is what the CLI, the Flower apps and the study runner call.
 The configs folder is found in this order: the ``FEDTEXTSEG_CONFIGS`` environment variable, ``configs/`` in the
@@ -55,6 +56,9 @@ def compose_config(experiment: str | None = None, overrides: str | Iterable[str]
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from fedtextseg.config_schema import register_schema, undeclared_keys
+
+    register_schema()
     cdir = configs_dir()
     args = split_overrides(overrides)
     if experiment:
@@ -72,9 +76,12 @@ def compose_config(experiment: str | None = None, overrides: str | Iterable[str]
         raise ConfigError(f"invalid configuration ({' '.join(args) or 'defaults'}): {exc}") from None
     finally:
         GlobalHydra.instance().clear()
-    OmegaConf.set_struct(cfg, False)
+    strangers = undeclared_keys(cfg)  # Hydra's `+key=value` appends even to a structured node
+    if strangers:
+        raise ConfigError(f"invalid configuration ({' '.join(args) or 'defaults'}): {', '.join(strangers)} "
+                          "not in the schema (fedtextseg/config_schema.py); check the spelling")
     cfg.run.experiment = experiment or "default"
-    return cfg
+    return cfg  # struct mode stays on: reading or writing a key the schema does not declare is an error
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -27,36 +27,43 @@ ROBUST_RULES = ("median", "trimmed_mean")
 WEIGHTINGS = ("examples", "equal")
 
 
+def _shown(value: Any) -> str:
+    """A setting as the user wrote it: ``-1`` (the schema stores it as -1.0), ``'mediam'``, ``None``."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        return f"{value:g}"
+    return repr(value)
+
+
 def check_federation_options(cfg: DictConfig, num_sites: int | None = None) -> None:
     """Federation settings that are only used after the first local round, checked now."""
     from fedtextseg.losses import LOSS_MODES
 
     fed = cfg.federation
     problems = []
-    robust = fed.get("robust")
+    robust = fed.robust
     if robust not in (None, "", "mean", *ROBUST_RULES):
         problems.append(f"federation.robust={robust!r} is not a rule; use null, {' or '.join(ROBUST_RULES)}")
-    if fed.get("weighting", "examples") not in WEIGHTINGS:
-        problems.append(f"federation.weighting={fed.get('weighting')!r}; use {' or '.join(WEIGHTINGS)}")
+    if fed.weighting not in WEIGHTINGS:
+        problems.append(f"federation.weighting={fed.weighting!r}; use {' or '.join(WEIGHTINGS)}")
     for key, low in (("rounds", 1), ("min_sites", 1)):
-        value = fed.get(key, low)
+        value = fed[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            problems.append(f"federation.{key}={value!r}; use an integer >= {low}")
-    min_sites = fed.get("min_sites", 1)
+            problems.append(f"federation.{key}={_shown(value)}; use an integer >= {low}")
+    min_sites = fed.min_sites
     if num_sites is not None and isinstance(min_sites, int) and min_sites > num_sites:
         problems.append(f"federation.min_sites={min_sites} but only {num_sites} site(s) are configured: no round "
                         f"could ever be aggregated; set federation.min_sites<={num_sites}")
-    factor = fed.get("outlier_factor")
+    factor = fed.outlier_factor
     if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1):
-        problems.append(f"federation.outlier_factor={factor!r}; use null (off) or a number > 1 (e.g. 100)")
-    norm = fed.get("max_update_norm")
+        problems.append(f"federation.outlier_factor={_shown(factor)}; use null (off) or a number > 1 (e.g. 100)")
+    norm = fed.max_update_norm
     if norm is not None and (isinstance(norm, bool) or not isinstance(norm, (int, float)) or norm <= 0):
-        problems.append(f"federation.max_update_norm={norm!r}; use null (off) or a positive number")
+        problems.append(f"federation.max_update_norm={_shown(norm)}; use null (off) or a positive number")
     for key in ("round_timeout", "first_round_timeout"):
-        timeout = fed.get(key, 1)
+        timeout = fed[key]
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-            problems.append(f"federation.{key}={timeout!r}; use a positive number of seconds")
-    loss = cfg.get("train", {}).get("loss", "masked")
+            problems.append(f"federation.{key}={_shown(timeout)}; use a positive number of seconds")
+    loss = cfg.train.loss
     if loss not in LOSS_MODES:
         problems.append(f"train.loss={loss!r}; use one of {', '.join(LOSS_MODES)}")
     if problems:
@@ -65,9 +72,9 @@ def check_federation_options(cfg: DictConfig, num_sites: int | None = None) -> N
 
 def check_patch_size(cfg: DictConfig, model: Any) -> None:
     """The training/sliding-window patch must fit the model's total downsampling (3D models that say so)."""
-    if not hasattr(model, "check_patch_size") or "preprocess" not in cfg.get("data", {}):
+    if not hasattr(model, "check_patch_size"):
         return
-    patch = list(cfg.data.preprocess.get("patch_size") or [])
+    patch = list(cfg.data.preprocess.get("patch_size") or [])  # free-form (config_schema): 2D runs have none
     try:
         model.check_patch_size(patch)
     except ConfigError as exc:

@@ -65,16 +65,16 @@ def prepare_bank(cfg: DictConfig, log_fn=print) -> EmbeddingBank:
 
     if not uses_text_bank(cfg):  # TGC-Net: encodes each image's report itself; the bank only names the classes
         return _names_only_bank(cfg)
-    if cfg.text.get("bank"):
+    if cfg.text.bank:
         return EmbeddingBank.load(cfg.text.bank)
-    vocab = cfg.data.get("vocabulary", "abdomen-ct")
-    pretrained = cfg.text.get("pretrained")
+    vocab = cfg.data.vocabulary or "abdomen-ct"
+    pretrained = cfg.text.pretrained
     return build_bank(
         vocabulary=vocab,
         encoder=cfg.text.encoder,
-        model=cfg.text.get("model"),
+        model=cfg.text.model,
         pretrained=None if pretrained in (None, "none", "None") else pretrained,
-        allow_fallback=bool(cfg.text.get("allow_fallback", False)),
+        allow_fallback=bool(cfg.text.allow_fallback),
         log=log_fn,
     )
 
@@ -87,11 +87,11 @@ def build_model(cfg: DictConfig, bank: EmbeddingBank | None = None, *, frozen: M
     takes the server's frozen arrays (DINOv2 or CLIP weights, the text bank), so an air-gapped node needs no hub.
     Models that encode their own text (``model.text_bank: false``, TGC-Net) get the data's vocabulary instead.
     """
-    kwargs = dict(_plain(cfg.model.get("kwargs")) or {})
+    kwargs = _with_pipeline_patch(cfg, dict(_plain(cfg.model.kwargs) or {}))
     if not uses_text_bank(cfg):
         if bank is None and (frozen is None or meta is None):
             raise ConfigError("build_model needs an embedding bank (server) or the frozen arrays + meta (site)")
-        text = {} if "vocabulary" in kwargs else {"vocabulary": str(cfg.data.get("vocabulary") or "chest-xray")}
+        text = {} if "vocabulary" in kwargs else {"vocabulary": str(cfg.data.vocabulary or "chest-xray")}
         if frozen is not None:
             kwargs = provided_weights(cfg.model.name, kwargs)  # filled in below from the server's arrays
     elif bank is not None:
@@ -104,7 +104,12 @@ def build_model(cfg: DictConfig, bank: EmbeddingBank | None = None, *, frozen: M
         kwargs = provided_weights(cfg.model.name, kwargs)  # filled in below from the server's arrays
     else:
         raise ConfigError("build_model needs an embedding bank (server) or the frozen arrays + meta (site)")
-    model = create_model(cfg.model.name, **text, **kwargs)
+    try:
+        model = create_model(cfg.model.name, **text, **kwargs)
+    except ConfigError as exc:
+        if "patch size" not in str(exc):
+            raise
+        raise ConfigError(f"data.preprocess.patch_size={list(kwargs['patch_size'])}: {exc}") from None
     if frozen is not None:
         from fedtextseg.params import merge_into
 
@@ -116,10 +121,25 @@ def build_model(cfg: DictConfig, bank: EmbeddingBank | None = None, *, frozen: M
     return model
 
 
+def _with_pipeline_patch(cfg: DictConfig, kwargs: dict) -> dict:
+    """One patch size: a 3D model that records a training / sliding-window patch gets the pipeline's
+    (``data.preprocess.patch_size``); a different one in ``model.kwargs`` is refused, not silently ignored."""
+    from fedtextseg.models import model_config
+
+    patch = cfg.data.preprocess.get("patch_size")  # free-form (config_schema): 2D pipelines have none
+    if patch is None or "patch_size" not in model_config(cfg.model.name):
+        return kwargs
+    patch = [int(p) for p in patch]
+    if "patch_size" in kwargs and [int(p) for p in kwargs["patch_size"]] != patch:
+        raise ConfigError(f"model.kwargs.patch_size={list(kwargs['patch_size'])} differs from "
+                          f"data.preprocess.patch_size={patch}: the patch is set once, in data.preprocess")
+    return {**kwargs, "patch_size": patch}
+
+
 def uses_text_bank(cfg: DictConfig) -> bool:
     """Whether the model is conditioned on the embedding bank (CDPDNet) rather than encoding its own text (TGC-Net:
     each image's report, with its own CLIP text tower); set by ``text_bank`` in the model config."""
-    return bool(cfg.model.get("text_bank", True))
+    return bool(cfg.model.text_bank)
 
 
 def provided_weights(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -140,7 +160,7 @@ def _names_only_bank(cfg: DictConfig) -> EmbeddingBank:
     """A bank that only names the vocabulary's classes and tasks (one-hot rows), for models that encode their own
     text: the coordinator still needs the class list (per-class aggregation, tables) and records where text came
     from."""
-    vocab = get_vocabulary(cfg.data.get("vocabulary"))
+    vocab = get_vocabulary(cfg.data.vocabulary)
     eye = torch.eye(vocab.num_classes + len(vocab.task_names))
     return EmbeddingBank(
         class_names=vocab.class_names, class_embeddings=eye[: vocab.num_classes], task_names=vocab.task_names,
@@ -162,15 +182,15 @@ def preprocess_config(cfg: DictConfig, model: nn.Module | None = None) -> Prepro
 
 
 def _uses_feature_cache(cfg: DictConfig, model: nn.Module) -> bool:
-    return bool(cfg.model.get("dino_cache", False)) and getattr(model, "dino", None) is not None
+    return bool(cfg.model.dino_cache) and getattr(model, "dino", None) is not None
 
 
 def lr_for_round(cfg: DictConfig, round_: int, total_rounds: int) -> float:
     """Cosine decay of the learning rate over the whole run (per round), after optional warm-up rounds."""
     base = float(cfg.train.lr)
-    if cfg.train.get("lr_schedule", "cosine") == "constant" or total_rounds <= 1:
+    if cfg.train.lr_schedule == "constant" or total_rounds <= 1:
         return base
-    warm = int(cfg.train.get("warmup_rounds", 0) or 0)
+    warm = int(cfg.train.warmup_rounds)
     if round_ <= warm:
         return base * round_ / max(1, warm)
     t = (round_ - 1 - warm) / max(1, total_rounds - warm)
@@ -195,7 +215,7 @@ class SiteRunner:
     def __init__(self, cfg: DictConfig, site: Site | str | Path, model: nn.Module, *, device: str | None = None,
                  cache_dir: str | Path | None | bool = None):
         self.cfg = cfg
-        self.site = site if isinstance(site, Site) else load_site(site, cfg.data.get("vocabulary"))
+        self.site = site if isinstance(site, Site) else load_site(site, cfg.data.vocabulary)
         self.device = engine.resolve_device(device or cfg.run.device)
         self.model = model
         self._check_vocabulary()
@@ -215,16 +235,16 @@ class SiteRunner:
 
                 feature_fn = volume_feature_fn(model, self.pre.tile)
                 feature_key = f"{model.dino.signature()}-{'x'.join(map(str, self.pre.tile))}"
-            if cache_dir is None and cfg.data.get("cache_dir"):
+            if cache_dir is None and cfg.data.cache_dir:
                 cache_dir = cfg.data.cache_dir
             self.data: SiteData = build_site_data(
                 self.site, self.pre, cache_dir=cache_dir, val_fraction=float(cfg.data.val_fraction),
                 seed=int(cfg.run.seed), feature_fn=feature_fn, feature_key=feature_key,
             )
         vocab = self.site.vocabulary
-        self.loss_fn = build_loss(cfg.train.loss, vocab, batch_dice=bool(cfg.train.get("batch_dice", False)),
-                                  bce_weight=float(cfg.train.get("bce_weight", 1.0)),
-                                  label_space=cfg.train.get("naive_classes"))
+        self.loss_fn = build_loss(cfg.train.loss, vocab, batch_dice=bool(cfg.train.batch_dice),
+                                  bce_weight=float(cfg.train.bce_weight),
+                                  label_space=cfg.train.naive_classes)
         # naive softmax runs (train.loss=naive) are evaluated by argmax over background + their label space
         self.softmax_space = getattr(self.loss_fn, "space", None)
         self.distill_fn = ConditionalDistillation(float(cfg.train.distill_temperature))
@@ -317,7 +337,7 @@ class SiteRunner:
     def evaluate(self, dataset=None, max_cases: int | None = None, task_override: int | None = None):
         """Per-class Dice/HD95 of the current model on this site's validation cases (its annotated classes)."""
         ds = self.data.val_ds if dataset is None else dataset
-        limit = self.cfg.eval.get("max_cases") if dataset is None else max_cases
+        limit = self.cfg.eval.max_cases if dataset is None else max_cases
         items = (ds[i] for i in range(len(ds) if limit is None else min(len(ds), int(limit))))
         return engine.evaluate(
             self.model, items, self.site.vocabulary.class_names, roi_size=self.roi_size,

@@ -42,7 +42,7 @@ def _federation_file(cfg: DictConfig) -> dict:
 def federation_sites(cfg: DictConfig) -> list[Path]:
     """The training sites, in order (partition ``i`` trains on element ``i``)."""
     root = data_root(cfg)
-    if cfg.data.get("sites"):
+    if cfg.data.sites:
         paths = [root / str(s) for s in cfg.data.sites]
     else:
         paths = [root / str(e["path"]) for e in _federation_file(cfg).get("sites", [])]
@@ -53,7 +53,7 @@ def federation_sites(cfg: DictConfig) -> list[Path]:
 
 def unseen_site(cfg: DictConfig) -> Path | None:
     """The held-out hospital for server-side evaluation, if the data config names one and it exists."""
-    name = cfg.data.get("unseen")
+    name = cfg.data.unseen
     if not name:
         return None
     path = data_root(cfg) / str(name)
@@ -66,17 +66,17 @@ def ensure_data(cfg: DictConfig, log_fn=print) -> list[Path]:
     ``data.kind`` picks the generator: ``synthetic`` (default, 3D CT), ``xray`` (2D chest X-rays) or ``qata`` (the
     non-IID split of the real QaTa-COV19 training set, with its valid split as the unseen hospital)."""
     root = data_root(cfg)
-    gen = cfg.data.get("generate")
-    kind = str(cfg.data.get("kind") or "synthetic")
+    gen = cfg.data.generate
+    kind = str(cfg.data.kind)
     if gen and kind == "xray" and not (root / "federation.yaml").is_file():
         from fedtextseg.synthetic.xray import prepare_synthetic_xray_federation  # 2D synthetic chest X-rays
 
-        prepare_synthetic_xray_federation(root, gen, unseen=cfg.data.get("unseen"), log_fn=log_fn)
+        prepare_synthetic_xray_federation(root, gen, unseen=cfg.data.unseen, log_fn=log_fn)
     elif gen and kind == "qata" and not (root / "federation.yaml").is_file():
         from fedtextseg.config import configs_dir  # the real QaTa-COV19 X-rays, split into hospitals
         from fedtextseg.data.qata import prepare_qata_federation
 
-        prepare_qata_federation(root, gen, unseen=cfg.data.get("unseen"), log_fn=log_fn,
+        prepare_qata_federation(root, gen, unseen=cfg.data.unseen, log_fn=log_fn,
                                 project_root=configs_dir().parent)
     elif gen and not (root / "federation.yaml").is_file():
         from fedtextseg.synthetic.ct import generate_hospitals
@@ -84,7 +84,7 @@ def ensure_data(cfg: DictConfig, log_fn=print) -> list[Path]:
         log_fn(f"generating synthetic hospitals in {root} ({gen.sites} sites x {gen.cases_per_site} cases, "
                f"shape {list(gen.shape)}, seed {gen.seed}) ...")
         generate_hospitals(root, sites=int(gen.sites), cases_per_site=int(gen.cases_per_site), seed=int(gen.seed),
-                           shape=tuple(gen.shape), unseen=bool(cfg.data.get("unseen")),
+                           shape=tuple(gen.shape), unseen=bool(cfg.data.unseen),
                            force=True)  # force: only the generator's own leftovers (an interrupted run) are replaced
     return federation_sites(cfg)
 

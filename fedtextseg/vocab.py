@@ -2,8 +2,8 @@
 
 Every site, model head, text bank and metric speaks in the channels of one :class:`Vocabulary`. The default one is
 the 32-class abdominal CT vocabulary of the CLIP-Driven Universal Model / CDPDNet with its 11 dataset tasks
-(Liu et al. 2023, arXiv 2301.00785). Deployments add vocabularies (e.g. chest X-ray) from YAML files without
-code changes::
+(Liu et al. 2023, arXiv 2301.00785), ``vocabularies/abdomen-ct.yaml``, beside ``chest-xray.yaml``. Deployments add
+vocabularies from YAML files the same way, without code changes::
 
     vocab = get_vocabulary()                 # "abdomen-ct"
     vocab.index("IVC")                       # -> 8 (channel of "postcava")
@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import yaml
 
@@ -331,90 +331,6 @@ class Vocabulary:
         return cls.from_dict(data, source=str(path))
 
 
-# ---------------------------------------------------------------------- the built-in abdominal vocabulary
-# (display name, synonyms, parent, side), in channel order: index 0 = class 1 (Spleen) of the CLIP-Driven Universal
-# Model's 32 classes. Synonyms cover the names of BTCV, AMOS, FLARE, MSD and TotalSegmentator v2 (kidney_left,
-# inferior_vena_cava, lung_upper_lobe_left, ...: names are normalised first, so "kidney_left" is "left kidney").
-_ABDOMEN_CLASSES: Sequence[tuple[str, tuple[str, ...], str | None, str | None]] = (
-    ("Spleen", ("lien",), None, None),
-    ("Right Kidney", ("kidney r", "rk"), None, "right"),
-    ("Left Kidney", ("kidney l", "lk"), None, "left"),
-    ("Gall Bladder", ("gallbladder", "gb"), None, None),
-    ("Esophagus", ("oesophagus",), None, None),
-    ("Liver", ("hepar",), None, None),
-    ("Stomach", ("gaster",), None, None),
-    ("Aorta", ("abdominal aorta",), None, None),
-    ("Postcava", ("ivc", "inferior vena cava", "vena cava inferior", "postcava ivc"), None, None),
-    ("Portal Vein and Splenic Vein", ("portal vein", "splenic vein", "portal and splenic vein",
-                                      "portal vein and splenic vein"), None, None),
-    ("Pancreas", (), None, None),
-    ("Right Adrenal Gland", ("adrenal gland right", "right adrenal", "rag"), None, "right"),
-    ("Left Adrenal Gland", ("adrenal gland left", "left adrenal", "lag"), None, "left"),
-    ("Duodenum", (), None, None),
-    ("Hepatic Vessel", ("hepatic vessels", "liver vessel", "liver vessels"), None, None),
-    ("Right Lung", ("lung r", "lung upper lobe right", "lung middle lobe right", "lung lower lobe right"), None,
-     "right"),
-    ("Left Lung", ("lung l", "lung upper lobe left", "lung lower lobe left"), None, "left"),
-    ("Colon", ("large bowel", "large intestine"), None, None),
-    ("Intestine", ("small bowel", "small intestine", "bowel"), None, None),
-    ("Rectum", (), None, None),
-    ("Bladder", ("urinary bladder",), None, None),
-    ("Prostate", ("prostate uterus",), None, None),
-    ("Left Head of Femur", ("left femoral head", "femur head left", "head of femur left"), None, "left"),
-    ("Right Head of Femur", ("right femoral head", "femur head right", "head of femur right"), None, "right"),
-    ("Celiac Trunk", ("celiac artery", "coeliac trunk", "celiac truck"), None, None),
-    ("Kidney Tumor", ("kidney tumour", "renal tumor", "kidney cancer", "kidney lesion"), "kidney", None),
-    ("Liver Tumor", ("liver tumour", "hepatic tumor", "liver cancer", "liver lesion"), "liver", None),
-    ("Pancreas Tumor", ("pancreas tumour", "pancreatic tumor", "pancreatic cancer", "pancreas lesion"),
-     "pancreas", None),
-    ("Hepatic Vessel Tumor", ("hepatic vessel tumour", "liver vessel tumor"), "liver", None),
-    ("Lung Tumor", ("lung tumour", "lung nodule", "lung cancer"), "lung", None),
-    ("Colon Tumor", ("colon tumour", "colon cancer"), "colon", None),
-    ("Kidney Cyst", ("renal cyst", "kidney cyst right", "kidney cyst left"), "kidney", None),
-)
-
-_ABDOMEN_COMPOSITES = {
-    "kidney": ("right kidney", "left kidney"),
-    "adrenal gland": ("right adrenal gland", "left adrenal gland"),
-    "lung": ("right lung", "left lung"),
-    "head of femur": ("left head of femur", "right head of femur"),
-}
-
-# (key, display, labeled class ids (1-based), aliases), in the order of the reference task-embedding file.
-_ABDOMEN_TASKS = (
-    ("btcv", "BTCV", list(range(1, 15)), ("beyond the cranial vault",)),
-    ("pancreas ct", "Pancreas-CT", [11], ("nih pancreas",)),
-    ("chaos", "CHAOS", [6], ()),
-    ("lits", "LiTS", [6, 27], ("msd liver", "liver tumor segmentation")),
-    ("kits", "KiTS", [2, 3, 26, 32], ("kits19", "kits21", "kits23")),
-    ("word", "WORD", [1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 14, 18, 19, 20, 21, 23, 24], ()),
-    ("abdomenct 1k", "AbdomenCT-1K", [1, 2, 3, 6, 11], ("abdomen ct 1k",)),
-    ("amos", "AMOS", [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 21, 22], ("amos22",)),
-    ("ct org", "CT-ORG", [2, 3, 6, 16, 17, 21], ()),
-    ("flare", "FLARE", [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 25], ("abdomenct 12organ", "flare22")),
-    ("msd", "MSD", [30, 11, 28, 15, 29, 1, 31], ("medical segmentation decathlon", "decathlon")),
-)
-
-
-def _abdomen_ct() -> Vocabulary:
-    classes = [
-        ClassDef(name=normalize_name(d), display=d, synonyms=syn, parent=parent, side=side)
-        for d, syn, parent, side in _ABDOMEN_CLASSES
-    ]
-    names = [c.name for c in classes]
-    tasks = [
-        TaskDef(name=key, display=disp, classes=tuple(names[i - 1] for i in sorted(ids)), aliases=aliases)
-        for key, disp, ids, aliases in _ABDOMEN_TASKS
-    ]
-    return Vocabulary(
-        name="abdomen-ct",
-        classes=classes,
-        tasks=tasks,
-        composites=dict(_ABDOMEN_COMPOSITES),
-        default_task="btcv",
-    )
-
-
 _REGISTRY: dict[str, Vocabulary] = {}
 
 
@@ -429,12 +345,15 @@ def list_vocabularies() -> list[str]:
 
 
 def _load_builtin() -> None:
-    if "abdomen-ct" not in _REGISTRY:
-        register_vocabulary(_abdomen_ct())
-        pkg = resources.files("fedtextseg") / "vocabularies"
-        for entry in sorted(pkg.iterdir(), key=lambda p: p.name):
-            if entry.name.endswith(".yaml"):
-                register_vocabulary(Vocabulary.from_dict(yaml.safe_load(entry.read_text()), source=entry.name))
+    """The packaged vocabularies (``fedtextseg/vocabularies/*.yaml``), the default ``abdomen-ct`` first (others may
+    ``extends:`` it)."""
+    if "abdomen-ct" in _REGISTRY:
+        return
+    pkg = resources.files("fedtextseg") / "vocabularies"
+    entries = sorted((e for e in pkg.iterdir() if e.name.endswith(".yaml")),
+                     key=lambda e: (e.name != "abdomen-ct.yaml", e.name))
+    for entry in entries:
+        register_vocabulary(Vocabulary.from_dict(yaml.safe_load(entry.read_text()), source=entry.name))
 
 
 def get_vocabulary(name_or_path: str | Path | None = None) -> Vocabulary:

@@ -49,21 +49,21 @@ def main(grid: Grid, context: Context) -> None:
         cfg.run.results_dir = str(rc["results-dir"])
     try:
         num_sites = len(ensure_data(cfg))
-        wanted = min(num_sites, int(cfg.federation.get("min_sites", 1)))
+        wanted = min(num_sites, int(cfg.federation.min_sites))
     except ConfigError as exc:  # deployment: the images stay at the sites, each SuperNode names its own site-path
-        num_sites, wanted = None, int(cfg.federation.get("min_sites", 1))
+        num_sites, wanted = None, int(cfg.federation.min_sites)
         print(f"no site list on the server ({exc}); waiting for federation.min_sites={wanted} SuperNodes")
     name = str(rc.get("run-name") or cfg.run.name or f"{cfg.run.experiment}-{datetime.now():%Y%m%d-%H%M%S}")
     run_dir = Path(cfg.run.results_dir).expanduser().resolve() / name
     coord = Coordinator(cfg, run_dir, resume=bool(rc.get("resume", False)), num_sites=num_sites)
     _wait_for_nodes(grid, wanted)
-    if str(cfg.get("privacy", {}).get("secure_aggregation") or "none") == "secaggplus":
+    if cfg.privacy.secure_aggregation == "secaggplus":
         from server.secure import SecureFlowerTransport  # Flower's SecAgg+ workflow, round by round (docs/privacy.md)
 
         transport = SecureFlowerTransport(coord, grid, context)
     else:
         transport = FlowerTransport(grid)
-    unseen = unseen_site(cfg) if cfg.federation.get("evaluate_unseen", True) else None
+    unseen = unseen_site(cfg) if cfg.federation.evaluate_unseen else None
     summary = run_rounds(coord, transport, unseen=unseen)
     print("\n" + str(summary))
     print(f"\nresults: {run_dir} (metrics.jsonl, config.yaml, metadata.json, summary.txt, model model.pt)")

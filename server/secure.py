@@ -81,11 +81,11 @@ class SecureFlowerTransport(FlowerTransport):
         super().__init__(grid)
         check_secure_config(coord.cfg)
         self.context = context
-        opts = dict(coord.cfg.privacy.get("secagg") or {})
-        self.clip = float(opts.get("clipping_range", 1.0))
-        self.shares = opts.get("num_shares", 1.0)
-        self.threshold = opts.get("reconstruction_threshold", 1.0)
-        self.quantization = int(opts.get("quantization_range", 2 ** 22))
+        opts = coord.cfg.privacy.secagg
+        self.clip = float(opts.clipping_range)
+        self.shares = opts.num_shares
+        self.threshold = opts.reconstruction_threshold
+        self.quantization = int(opts.quantization_range)
         self.sites: dict[int, dict[str, Any]] = {}
 
     def prepare(self, coord, round_: int, timeout: float) -> dict[str, str]:
@@ -123,7 +123,7 @@ class SecureFlowerTransport(FlowerTransport):
         params = ndarrays_to_parameters([np.asarray(coord.global_arrays[k]) for k in coord.wire_names])
         config = {**coord.round_config(round_), SECURE_FLAG: wire.SECURE_TRAIN, wire.FROZEN_HASH: coord.frozen.content_hash,
                   wire.CLIPPING_RANGE: self.clip,
-                  wire.WEIGHTING: str(coord.cfg.federation.get("weighting", "examples")),
+                  wire.WEIGHTING: str(coord.cfg.federation.weighting),
                   wire.WIRE_GROUPS: json.dumps({"shared": list(coord.groups.shared),
                                                 "per_class": {k: int(v) for k, v in coord.groups.per_class.items()}})}
         strategy = _strategy_class()(params, config)

@@ -164,8 +164,9 @@ def _simulate(tmp_path, monkeypatch, privacy: dict | None = None, site2_privacy:
         spec["privacy"] = site2_privacy
         (sites[1] / "site.yaml").write_text(yaml.safe_dump(spec))
     monkeypatch.setenv("FEDTEXTSEG_CONFIGS", str(_write_configs(tmp_path, privacy)))
-    for var in ("RAY_TMPDIR", "FLWR_HOME"):
-        monkeypatch.setenv(var, os.environ.get(var) or str(tmp_path / var.lower()))
+    # Ray's socket paths must stay under 107 bytes: a short RAY_TMPDIR, never one deep in pytest's tmp_path
+    monkeypatch.setenv("RAY_TMPDIR", os.environ.get("RAY_TMPDIR") or f"/tmp/ray-fts-{os.getpid()}")
+    monkeypatch.setenv("FLWR_HOME", os.environ.get("FLWR_HOME") or str(tmp_path / "flwr_home"))
     sent, received = [], []
     push, pull = InMemoryGrid.push_messages, InMemoryGrid.pull_messages
     monkeypatch.setattr(InMemoryGrid, "push_messages", lambda self, msgs: push(self, sent.extend(msgs) or msgs))

@@ -43,6 +43,7 @@ def test_card_content(model_path, capsys):
                      "spacing 1.5x1.5x1.5 mm", "rounds", "epsilon", "WARNING: the frozen DINOv2 weights were RANDOM"):
         assert expected in text, expected
 
+    capsys.readouterr()  # only what `info --json` prints below (the fixture's run may print into this capture)
     assert cli_main(["info", str(model_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["classes"][0]["class"] == "spleen"
     assert cli_main(["info", str(model_path)]) == 0

@@ -543,12 +543,11 @@ def test_secure_sum_encoding_reproduces_groupwise_classaware_aggregation():
                for i, (n, m) in enumerate(zip([3, 5, 2], masks))]
     declined = SiteUpdate("s3", {k: v.copy() for k, v in global_arrays.items()}, 0, np.ones(5, bool))
     for weighting in ("examples", "equal"):
-        cfg = SimpleNamespace(federation={"weighting": weighting})
         want = aggregate(global_arrays, updates, groups, weighting=weighting)
         vectors, weights = [], []
         for u, declines in [(u, False) for u in updates] + [(declined, True)]:
             vectors.append(encode_update(global_arrays, u.arrays, u.annotated, groups))
-            weights.append(secure_weight(cfg, u.num_examples, declines))
+            weights.append(secure_weight(weighting, u.num_examples, declines))
         assert weights[-1] == 0 and (weighting == "equal") == (weights[:3] == [1, 1, 1])
         w = np.array(weights, float)
         mean = [sum(wi * v[j] for wi, v in zip(w, vectors)) / w.sum() for j in range(len(vectors[0]))]
@@ -565,8 +564,8 @@ def test_secure_aggregation_refuses_rules_that_need_individual_updates():
     from fedtextseg.privacy.secure import check_secure_config
 
     with pytest.raises(ConfigError, match="robust"):
-        check_secure_config(SimpleNamespace(federation={"robust": "median"}))
-    check_secure_config(SimpleNamespace(federation={"robust": None, "weighting": "equal"}))
+        check_secure_config(SimpleNamespace(federation=SimpleNamespace(robust="median", weighting="examples")))
+    check_secure_config(SimpleNamespace(federation=SimpleNamespace(robust=None, weighting="equal")))
 
 
 def test_dp_round_after_an_evaluation_trains(tmp_path):

@@ -79,3 +79,17 @@ def test_chest_xray_vocabulary_ships_as_yaml():
 def test_duplicate_names_are_rejected():
     with pytest.raises(FedTextSegError, match="used by both"):
         Vocabulary.from_dict({"name": "x", "classes": [{"name": "a", "synonyms": ["b"]}, {"name": "b"}]})
+
+
+def test_the_abdominal_vocabulary_is_a_packaged_yaml_file_with_its_recorded_meaning():
+    """abdomen-ct lives in fedtextseg/vocabularies/abdomen-ct.yaml like chest-xray; its content hash is the one
+    earlier text banks and model files recorded (b42eaaa49530719a, when it was Python tables), so they still load."""
+    from importlib import resources
+
+    from fedtextseg.vocab import Vocabulary
+
+    path = resources.files("fedtextseg") / "vocabularies" / "abdomen-ct.yaml"
+    from_file = Vocabulary.from_yaml(str(path))
+    assert from_file.to_dict() == get_vocabulary("abdomen-ct").to_dict() == get_vocabulary().to_dict()
+    assert from_file.content_hash == "b42eaaa49530719a"
+    assert from_file.num_classes == 32 and from_file.class_names[0] == "spleen" and len(from_file.tasks) == 11

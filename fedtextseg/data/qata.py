@@ -158,7 +158,9 @@ def prepare_qata_federation(root: str | Path, gen, *, unseen: str | None = None,
     ``federation.yaml`` under ``root``; returns the training sites. A relative ``source`` is taken from
     ``project_root`` (the folder holding ``configs/``)."""
     root = Path(root).expanduser()
-    get = (lambda k, d=None: gen.get(k, d)) if hasattr(gen, "get") else (lambda k, d=None: d)
+    def get(key, default=None):  # the schema declares every generator's keys: a null one takes the default
+        value = gen.get(key) if hasattr(gen, "get") else None
+        return default if value is None else value
     source = Path(str(get("source", "../shared/data/qata-cov19"))).expanduser()
     if not source.is_absolute():
         source = Path(project_root or Path.cwd()) / source

@@ -44,8 +44,7 @@ class XraySiteData:
 
 def image_size_for(cfg: Any, model: Any = None) -> int:
     """The square input size of a 2D run: ``data.preprocess.image_size`` if set, else the model's ``image_size``."""
-    pre = cfg.data.get("preprocess") or {}
-    size = pre.get("image_size") if hasattr(pre, "get") else None
+    size = cfg.data.preprocess.get("image_size")  # free-form (config_schema): 3D pipelines have none
     if size is None:
         size = getattr(getattr(model, "config", None), "image_size", None)
     if size is None:

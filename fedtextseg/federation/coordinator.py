@@ -79,7 +79,7 @@ class Coordinator:
                            if k in ("clip_model", "clip_weights", "pretrained")}},
         )
         self.distributor = FrozenDistributor(self.frozen)
-        self.server_opt = make_server_optimizer(cfg.federation.rule, **dict(cfg.federation.get("server_opt") or {}))
+        self.server_opt = make_server_optimizer(cfg.federation.rule, **dict(cfg.federation.server_opt))
         self.start_round = 1
         self.site_annotations: dict[str, list[str]] = {}
         self._unseen = None
@@ -120,17 +120,17 @@ class Coordinator:
     # ------------------------------------------------------------------ round protocol
     def round_config(self, round_: int) -> dict[str, Any]:
         return {wire.ROUND: int(round_), wire.TOTAL_ROUNDS: self.total_rounds,
-                wire.PROX_MU: float(self.cfg.federation.get("prox_mu", 0.0) or 0.0),
+                wire.PROX_MU: float(self.cfg.federation.prox_mu),
                 wire.RUN_KEY: run_key_for(self.recorder)}  # names the sites' privacy ledgers (kept on resume)
 
     def round_timeout(self, round_: int) -> float:
         """Seconds to wait for the sites' replies: ``federation.first_round_timeout`` (when set) for the first round
         this server runs, where every site also receives the frozen parts, builds its model and preprocesses its
         data, else ``federation.round_timeout``."""
-        first = self.cfg.federation.get("first_round_timeout")
+        first = self.cfg.federation.first_round_timeout
         if first is not None and round_ == self.start_round:
             return float(first)
-        return float(self.cfg.federation.get("round_timeout", 3600))
+        return float(self.cfg.federation.round_timeout)
 
     def frozen_payload(self, node_id: Any) -> FrozenBundle | None:
         return self.distributor.payload_for(node_id)
@@ -150,14 +150,14 @@ class Coordinator:
         updates = self._without_declined(round_, updates, failures)
         fed = self.cfg.federation
         good, bad = screen_updates(self.global_arrays, updates, self.groups, expected_identity=self.identity,
-                                   outlier_factor=fed.get("outlier_factor"), max_update_norm=fed.get("max_update_norm"))
+                                   outlier_factor=fed.outlier_factor, max_update_norm=fed.max_update_norm)
         for node, problems in bad.items():
             failures[node] = "; ".join(problems)
         min_sites = self._min_sites()
         aggregated = len(good) >= min_sites
         if aggregated:
-            weighting = self.cfg.federation.get("weighting", "examples")
-            agg = aggregate(self.global_arrays, good, self.groups, rule=self.cfg.federation.get("robust") or "mean",
+            weighting = self.cfg.federation.weighting
+            agg = aggregate(self.global_arrays, good, self.groups, rule=self.cfg.federation.robust or "mean",
                             weighting=weighting)
             coverage = class_coverage(good, len(self.bank.class_names), weighting=weighting)
             self.global_arrays = self.server_opt.step(self.global_arrays, agg, self.groups, coverage)
@@ -195,7 +195,7 @@ class Coordinator:
             headline=f"secure aggregate (SecAgg+) of {len(used)} site(s)")
 
     def _min_sites(self) -> int:
-        return int(self.cfg.federation.get("min_sites", 1) or 1)
+        return int(self.cfg.federation.min_sites)
 
     def _without_declined(self, round_: int, replies: list, failures: dict[str, str]) -> list:
         """Record the sites' privacy metrics ("privacy" rows, privacy.json); the replies of sites whose budget is
@@ -241,7 +241,7 @@ class Coordinator:
         runner.model = self.global_model()
         start = time.perf_counter()
         # every case of the unseen hospital in the final round; eval.max_cases of them in earlier rounds
-        summary = runner.evaluate(dataset, max_cases=None if round_ >= self.total_rounds else self.cfg.eval.get("max_cases"))
+        summary = runner.evaluate(dataset, max_cases=None if round_ >= self.total_rounds else self.cfg.eval.max_cases)
         self.recorder.log_per_class("unseen_eval", round_, f"unseen:{runner.site.name}", summary)
         self.log_fn(f"round {round_}: unseen hospital {runner.site.name!r} mean Dice "
                     f"{mean_over_classes(summary):.3f} over {len(summary)} classes ({time.perf_counter() - start:.0f}s)")

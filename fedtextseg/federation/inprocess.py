@@ -69,7 +69,7 @@ def run_federation_inprocess(cfg: DictConfig, run_dir: str | Path, *, resume: bo
     coord = Coordinator(cfg, run_dir, resume=resume, log_fn=log_fn, num_sites=len(sites))
     runners = [SiteRunner(cfg, s, build_model(cfg, frozen=coord.frozen.arrays, meta=coord.frozen.meta))
                for s in sites]
-    unseen = unseen_site(cfg) if cfg.federation.get("evaluate_unseen", True) else None
-    transport = InProcessTransport(runners, prox_mu=float(cfg.federation.get("prox_mu", 0.0) or 0.0))
+    unseen = unseen_site(cfg) if cfg.federation.evaluate_unseen else None
+    transport = InProcessTransport(runners, prox_mu=float(cfg.federation.prox_mu))
     run_rounds(coord, transport, unseen=unseen, stop_after=stop_after)
     return coord

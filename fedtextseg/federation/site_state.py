@@ -29,7 +29,7 @@ _RUN_ID = "__run_id__"
 def site_frozen_cache(cfg) -> FrozenCache:
     """Where a site keeps the frozen common parts it was sent (``federation.frozen_cache``, else
     ``$FEDTEXTSEG_CACHE/frozen``), so they cross the wire once per site, not once per message."""
-    return FrozenCache(cfg.federation.get("frozen_cache") or str(default_cache_root() / "frozen"))
+    return FrozenCache(cfg.federation.frozen_cache or str(default_cache_root() / "frozen"))
 
 
 def local_state_file(runner: SiteRunner, run_name: str) -> Path | None:

@@ -36,19 +36,19 @@ def _wire(groups) -> tuple[list[str], dict[str, int]]:
 
 def check_secure_config(cfg) -> None:
     """Raise ConfigError when the run's aggregation cannot be computed from a secure sum."""
-    robust = cfg.federation.get("robust")
+    robust = cfg.federation.robust
     if robust:
         raise ConfigError(f"privacy.secure_aggregation=secaggplus gives the server only the sum of the updates; the "
                           f"robust rule federation.robust={robust} needs the individual updates. Use robust=null")
-    if cfg.federation.get("weighting", "examples") not in ("examples", "equal"):
-        raise ConfigError(f"unknown federation.weighting {cfg.federation.get('weighting')!r}")
+    if cfg.federation.weighting not in ("examples", "equal"):
+        raise ConfigError(f"unknown federation.weighting {cfg.federation.weighting!r}")
 
 
-def secure_weight(cfg, num_examples: int, declined: bool) -> int:
-    """The SecAgg+ weight a site sends: its example count (or 1 with equal weighting); 0 when it declines."""
+def secure_weight(weighting: str, num_examples: int, declined: bool) -> int:
+    """The SecAgg+ weight a site sends: its example count (or 1 with ``weighting`` "equal"); 0 when it declines."""
     if declined or num_examples <= 0:
         return 0
-    return 1 if cfg.federation.get("weighting", "examples") == "equal" else int(num_examples)
+    return 1 if weighting == "equal" else int(num_examples)
 
 
 def encode_update(global_arrays: Mapping[str, np.ndarray], local_arrays: Mapping[str, np.ndarray],

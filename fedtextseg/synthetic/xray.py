@@ -205,7 +205,9 @@ def prepare_synthetic_xray_federation(root: str | Path, gen, *, unseen: str | No
     ``seed``, ``test_images``; the IID ``test`` site is the unseen one) and their ``federation.yaml`` under
     ``root``; returns the training sites."""
     root = Path(root).expanduser()
-    get = (lambda k, d=None: gen.get(k, d)) if hasattr(gen, "get") else (lambda k, d=None: d)
+    def get(key, default=None):  # the schema declares every generator's keys: a null one takes the default
+        value = gen.get(key) if hasattr(gen, "get") else None
+        return default if value is None else value
     n, per = int(get("sites", 3)), int(get("images_per_site", 40))
     size, seed = int(get("size", 128)), int(get("seed", 0))
     test = int(get("test_images", 0) or 0) if unseen else 0
