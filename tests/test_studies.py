@@ -301,3 +301,12 @@ def test_parallel_jobs_auto_is_one_per_core_on_a_cpu_and_a_bad_count_is_refused(
     assert resolve_jobs("auto") == 1
     with pytest.raises(ConfigError, match="--jobs"):
         resolve_jobs(0)
+
+
+def test_study_overrides_may_follow_the_options():
+    """`fedtextseg study qata --arms fed-text ++model.kwargs.x=1`: argparse takes the overrides after the options
+    (a plain parse_args refused them with 'unrecognized arguments')."""
+    from fedtextseg.studies.runner import study_main
+
+    with pytest.raises(ConfigError, match="unknown study 'nosuch'"):
+        study_main(["nosuch", "--seeds", "1", "--arms", "a", "++model.kwargs.text_encoder=minilm", "train.lr=1e-3"])

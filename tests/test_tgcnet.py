@@ -267,3 +267,43 @@ def test_provided_weights_mode_builds_quietly():
         warnings.simplefilter("error")
         _, prov = T.build_clip(_named_cfg(pretrained="provided"))
     assert prov["clip_weights"] == "provided" and prov["pretrained"] is None and "caller" in prov["loaded_by"]
+
+
+def test_a_pretrained_frozen_minilm_can_read_the_reports_instead_of_a_clip_text_tower():
+    """text_encoder="minilm": no CLIP text tower is built (nothing of it is sent or trained), the reports and the
+    glossary go through the packaged MiniLM's frozen word-piece features, different reports give different masks,
+    a copied model shares the one encoder, and the per-sample gradients DP-SGD needs stay exact."""
+    import copy
+
+    from opacus import GradSampleModule
+
+    torch.manual_seed(0)
+    model = create_model("tgcnet_tiny", text_encoder="minilm", align_weight=0.0)
+    clip_text = create_model("tgcnet_tiny", align_weight=0.0)
+    assert not [n for n in model.state_dict() if n.startswith("clip.") and ".text." in n]
+    assert [n for n in clip_text.state_dict() if n.startswith("clip.") and ".text." in n]
+    assert model.provenance["text_encoder"] == "sentence-minilm"
+    assert check_groups(model).frozen_common and model.text_in.proj.in_features == 384
+    tokens, mask, n_report = model._encode_text([CAPS[0], "a chest x-ray"], torch.device("cpu"))
+    assert tokens.shape[0] == 2 and mask[0, :n_report].sum() > mask[1, :n_report].sum()  # its own word pieces
+    assert set(model.glossary.terms_in(CAPS[0])) and mask[0, n_report:].any() and not mask[1, n_report:].any()
+    model.eval()
+    x, task = _batch(1)
+    with torch.no_grad():
+        a, b = (model(x, task, [c])["logits"] for c in CAPS[:2])
+    assert (a - b).abs().max() > 1e-4
+    assert copy.deepcopy(model).sentences is model.sentences
+    model.train()
+    single = create_model("tgcnet_tiny", text_encoder="minilm", align_weight=0.0)
+    single.load_state_dict(model.state_dict())
+    x, task = _batch(3)
+    caps = CAPS + [""]
+    GradSampleModule(model, loss_reduction="sum")(x, task, caps)["logits"].square().sum().backward()
+    single(x[2:], task[2:], caps[2:])["logits"].square().sum().backward()
+    ref = dict(single.named_parameters())
+    for name in ("text_in.proj.weight", "calib.0.image_reads_text.q.weight", "calib.0.image_reads_text.k.weight"):
+        got, want = dict(model.named_parameters())[name].grad_sample[2], ref[name].grad
+        assert want.abs().max() > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
+    with pytest.raises(ConfigError, match="text_encoder"):
+        create_model("tgcnet_tiny", text_encoder="bert")

@@ -10,6 +10,9 @@ Our design after Lin et al. 2025 (arXiv 2512.21135; the paper publishes no code)
   glossary definition is encoded once per forward (without gradient, so DP-SGD's per-sample gradients stay exact)
   and each image attends only to the definitions of the terms its report mentions. (Appending the definitions to
   the report itself would overflow CLIP's 77 tokens.)
+  ``text_encoder="minilm"`` reads the report (and the definitions) through the packaged, pretrained MiniLM
+  sentence encoder instead, frozen, word-piece features (``fedtextseg.text.sentence_tokens``): no CLIP text tower
+  is built, and where no CLIP weights exist offline the report is still read by a real text encoder.
 * **Vision-language calibration**: at strides 16, 8 and 4 of the decoder the text tokens first read the image
   (text calibration: cross-attention text -> image), then every pixel reads the calibrated text (cross-attention
   image -> text), then an MLP. An InfoNCE loss aligns the lesion-weighted pooled image embedding with the pooled
@@ -67,6 +70,7 @@ class TGCNetConfig:
     text_dim: int = 256  # text tokens after projection
     heads: int = 8
     text_mode: str = "report"  # report | none (image-only ablation)
+    text_encoder: str = "clip"  # clip: the CLIP text tower (LoRA) | minilm: the packaged pretrained MiniLM, frozen
     glossary: str | None = "chest_xray_v1"  # domain knowledge tokens; None = report only
     finetune: str = "lora"  # lora | full | frozen  (the CLIP towers)
     lora_r: int = 8
@@ -82,6 +86,8 @@ class TGCNetConfig:
         """Raise :class:`ConfigError` for inconsistent options."""
         if self.text_mode not in ("report", "none"):
             raise ConfigError(f"tgcnet: text_mode must be 'report' or 'none', got {self.text_mode!r}")
+        if self.text_encoder not in ("clip", "minilm"):
+            raise ConfigError(f"tgcnet: text_encoder must be 'clip' or 'minilm', got {self.text_encoder!r}")
         if self.finetune not in ("lora", "full", "frozen"):
             raise ConfigError(f"tgcnet: finetune must be 'lora', 'full' or 'frozen', got {self.finetune!r}")
         if len(self.vit_layers) != 3 or len(self.cnn_widths) != 4:
@@ -112,6 +118,7 @@ class TGCNet(nn.Module):
                                                                                cfg.lora_targets))
         cfg.check()
         self.config, self.with_text = cfg, cfg.text_mode == "report"
+        self.sentences = None  # text_encoder="minilm": the frozen packaged MiniLM (fedtextseg.text.sentence_tokens)
         self.vocabulary = get_vocabulary(cfg.vocabulary)
         self.num_classes = self.vocabulary.num_classes
         clip, self.provenance = build_clip(cfg)
@@ -120,7 +127,7 @@ class TGCNet(nn.Module):
             raise ConfigError(f"tgcnet: vit_layers {cfg.vit_layers} exceed the ViT's "
                               f"{len(clip.visual.transformer.resblocks)} blocks")
         tw, self.context_length = clip.transformer.width, clip.context_length
-        towers = ClipTowers(clip, max(cfg.vit_layers), self.with_text)
+        towers = ClipTowers(clip, max(cfg.vit_layers), self.with_text and cfg.text_encoder == "clip")
         del clip  # unused heads (visual.proj, text_projection, logit_scale) and blocks are dropped
         if cfg.finetune == "lora":
             from peft import LoraConfig, get_peft_model
@@ -143,6 +150,12 @@ class TGCNet(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         self.glossary = None
         self._knowledge_cache: tuple | None = None  # eval mode: (weights key, glossary features), see _knowledge
+        if self.with_text and cfg.text_encoder == "minilm":
+            from fedtextseg.text.sentence_tokens import WIDTH, sentence_tokens
+
+            self.sentences = sentence_tokens()
+            self.provenance.update(self.sentences.provenance)
+            tw = WIDTH
         if self.with_text:
             import open_clip
 
@@ -212,12 +225,18 @@ class TGCNet(nn.Module):
 
     def _encode_text(self, texts: list[str], device) -> tuple[Tensor, Tensor, int]:
         """(tokens [B, K, text_dim] before calibration, key mask [B, K], number of report tokens L)."""
-        ids = _trim(self.tokenizer(texts)).to(device)
-        b, length = ids.shape
-        tokens = self.text_in(self.towers.text(ids), 0)
-        mask = torch.arange(length, device=device)[None] <= ids.argmax(-1)[:, None]  # up to and with EOT
+        if self.sentences is not None:  # frozen pretrained MiniLM word-piece features (constants: no gradient)
+            feats, mask = self.sentences.tokens(texts)
+            feats, mask = feats.to(device), mask.to(device)
+            b, length = mask.shape
+            tokens = self.text_in(feats, 0)
+        else:
+            ids = _trim(self.tokenizer(texts)).to(device)
+            b, length = ids.shape
+            tokens = self.text_in(self.towers.text(ids), 0)
+            mask = torch.arange(length, device=device)[None] <= ids.argmax(-1)[:, None]  # up to and with EOT
         if self.glossary is not None:
-            k = self.text_in(self._knowledge()[None].expand(b, -1, -1), 1)  # batch-first B, as Opacus needs
+            k = self.text_in(self._knowledge().to(device)[None].expand(b, -1, -1), 1)  # batch-first, as Opacus needs
             names = [t.term for t in self.glossary.terms]
             present = torch.tensor([[n in set(self.glossary.terms_in(s)) for n in names] for s in texts],
                                    dtype=torch.bool, device=device)
@@ -233,6 +252,8 @@ class TGCNet(nn.Module):
         bump the counters): evaluation runs one image at a time, and the definitions cost more than the image.
         """
         kid = self.knowledge_ids
+        if self.sentences is not None:  # frozen MiniLM: the definitions' sentence embeddings never change
+            return self.sentences.pooled([f"{t.term}: {t.definition}." for t in self.glossary.terms])
         key = None
         if not self.training:
             key = (kid.device, torch.is_autocast_enabled(kid.device.type),

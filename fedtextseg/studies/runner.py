@@ -109,7 +109,7 @@ def run_arm_seed(spec: StudySpec, arm: ArmSpec, size: str, seed: int, out: Path,
     if arm.sites:
         _select_sites(cfg, arm.sites)
     cfg = with_federation_label_space(cfg)
-    if cfg.run.get("threads"):
+    if cfg.run.threads:
         import torch
 
         torch.set_num_threads(int(cfg.run.threads))
@@ -314,7 +314,7 @@ def study_main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="only rebuild table and plots from finished runs")
     p.add_argument("--quiet", action="store_true", help="only one line per finished run")
     p.add_argument("override", nargs="*", help="extra Hydra overrides for every run, e.g. train.lr=2e-3")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may follow the options: study qata --arms a x.y=1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     extra = list(args.override)
     if args.rounds is not None:
