@@ -226,19 +226,25 @@ def test_pretrained_weights_from_a_local_file(tmp_path):
     assert model(x, task, CAPS[:1])["logits"].shape == (1, 3, 64, 64)  # patch 32: ViT grid coarser than 1/16
 
 
-def test_opacus_per_sample_gradients_are_exact():
-    """DP-SGD: every trainable layer gets per-sample gradients equal to a single-sample backward."""
+def _per_sample_and_single_gradients(model, **kwargs):
+    """Opacus' per-sample gradients of ``model`` on a 3-image batch (the third without a report) and the plain
+    gradients of a copy on the third image alone: {name: parameter} of the copy, whose ``.grad`` is the reference."""
     from opacus import GradSampleModule
 
-    torch.manual_seed(0)
-    model = create_model("tgcnet_tiny", align_weight=0.0)  # the contrastive term couples samples: off under DP
-    single = create_model("tgcnet_tiny", align_weight=0.0)
+    single = create_model("tgcnet_tiny", **kwargs)
     single.load_state_dict(model.state_dict())
     x, task = _batch(3)
     caps = CAPS + [""]
     GradSampleModule(model, loss_reduction="sum")(x, task, caps)["logits"].square().sum().backward()
     single(x[2:], task[2:], caps[2:])["logits"].square().sum().backward()
-    ref = dict(single.named_parameters())
+    return dict(single.named_parameters())
+
+
+def test_opacus_per_sample_gradients_are_exact():
+    """DP-SGD: every trainable layer gets per-sample gradients equal to a single-sample backward."""
+    torch.manual_seed(0)
+    model = create_model("tgcnet_tiny", align_weight=0.0)  # the contrastive term couples samples: off under DP
+    ref = _per_sample_and_single_gradients(model, align_weight=0.0)
     checked = 0
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -275,8 +281,6 @@ def test_a_pretrained_frozen_minilm_can_read_the_reports_instead_of_a_clip_text_
     a copied model shares the one encoder, and the per-sample gradients DP-SGD needs stay exact."""
     import copy
 
-    from opacus import GradSampleModule
-
     torch.manual_seed(0)
     model = create_model("tgcnet_tiny", text_encoder="minilm", align_weight=0.0)
     clip_text = create_model("tgcnet_tiny", align_weight=0.0)
@@ -294,13 +298,7 @@ def test_a_pretrained_frozen_minilm_can_read_the_reports_instead_of_a_clip_text_
     assert (a - b).abs().max() > 1e-4
     assert copy.deepcopy(model).sentences is model.sentences
     model.train()
-    single = create_model("tgcnet_tiny", text_encoder="minilm", align_weight=0.0)
-    single.load_state_dict(model.state_dict())
-    x, task = _batch(3)
-    caps = CAPS + [""]
-    GradSampleModule(model, loss_reduction="sum")(x, task, caps)["logits"].square().sum().backward()
-    single(x[2:], task[2:], caps[2:])["logits"].square().sum().backward()
-    ref = dict(single.named_parameters())
+    ref = _per_sample_and_single_gradients(model, text_encoder="minilm", align_weight=0.0)
     for name in ("text_in.proj.weight", "calib.0.image_reads_text.q.weight", "calib.0.image_reads_text.k.weight"):
         got, want = dict(model.named_parameters())[name].grad_sample[2], ref[name].grad
         assert want.abs().max() > 0, name
