@@ -30,11 +30,6 @@ def _swap_side(pairs: set[tuple[str, str]]) -> list[tuple[str, str]]:
     return sorted((zone, "left" if side == "right" else "right") for zone, side in pairs)
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    total = pred.sum() + truth.sum()
-    return float(2 * np.logical_and(pred, truth).sum() / total) if total else 1.0
-
-
 def _share_on(side: str, mask: np.ndarray) -> float:
     """Share of the mask's pixels on ``side``'s half of the image. In QaTa-COV19 the lung a report calls "right"
     is on the image's right half: the expert masks of its unilateral valid/ reports lie there (the table's last
@@ -49,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fedtextseg.data.qata import parse_qata_caption, qata_caption
     from fedtextseg.data.xray_site import load_png
+    from fedtextseg.metrics import dice_score
     from fedtextseg.predict_xray import XrayPredictor
     from fedtextseg.tracking import cpu_model
 
@@ -75,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         own = predictor.predict_array(image, row["caption"])[1][0].astype(bool)
         swapped = predictor.predict_array(image, qata_caption(_swap_side(pairs)))[1][0].astype(bool)
         changed = np.logical_xor(own, swapped).sum() / max(1, np.logical_or(own, swapped).sum())
-        per_image.append({"image": row["image"], "side": side, "dice_own": _dice(own, truth),
-                          "dice_swapped": _dice(swapped, truth), "share_own": _share_on(side, own),
+        per_image.append({"image": row["image"], "side": side, "dice_own": dice_score(own, truth),
+                          "dice_swapped": dice_score(swapped, truth), "share_own": _share_on(side, own),
                           "share_swapped": _share_on(side, swapped), "share_truth": _share_on(side, truth),
                           "changed": float(changed)})
 
@@ -87,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"model": str(args.model), "images": len(per_image), "cpu": cpu_model(),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "seconds": time.perf_counter() - start,
-               **{k: mean(k) for k in ("dice_own", "dice_swapped", "share_own", "share_swapped", "share_truth", "changed")}}
+               **{k: mean(k) for k in ("dice_own", "dice_swapped", "share_own", "share_swapped", "share_truth",
+                                       "changed")}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "qata_report_swap.json").write_text(json.dumps({"summary": summary, "images": per_image}, indent=2))
     lines = ["# Does the report steer the mask? (QaTa-COV19 valid/, unilateral reports)", "",
@@ -95,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
              f"`{args.model.relative_to(PROJECT) if args.model.is_relative_to(PROJECT) else args.model}`, "
              f"{summary['images']} images whose report names one lung, each segmented with its own report and with "
              "the same zones of the other lung.", "",
-             "| report | Dice vs the expert mask | share of the predicted area on the side the image's own report names |",
+             "| report | Dice vs the expert mask "
+             "| share of the predicted area on the side the image's own report names |",
              "|---|---|---|",
              f"| its own | {summary['dice_own']:.3f} | {summary['share_own']:.3f} |",
              f"| naming the other lung | {summary['dice_swapped']:.3f} | {summary['share_swapped']:.3f} |",

@@ -25,5 +25,9 @@ class ConfigError(FedTextSegError):
     """A configuration that cannot work, with what to change."""
 
 
+class PatchSizeError(ConfigError):
+    """A training / sliding-window patch the network's downsampling cannot take."""
+
+
 class BudgetExhaustedError(FedTextSegError):
     """A privacy budget that the next step would exceed."""

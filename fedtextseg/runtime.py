@@ -26,7 +26,7 @@ from fedtextseg import engine
 from fedtextseg.data.dataset import SiteData, build_site_data, make_loader
 from fedtextseg.data.site import Site, load_site
 from fedtextseg.data.transforms import PreprocessConfig
-from fedtextseg.errors import ConfigError
+from fedtextseg.errors import ConfigError, PatchSizeError
 from fedtextseg.losses import ConditionalDistillation, build_loss
 from fedtextseg.models import create_model
 from fedtextseg.privacy.site import SitePrivacy
@@ -106,10 +106,8 @@ def build_model(cfg: DictConfig, bank: EmbeddingBank | None = None, *, frozen: M
         raise ConfigError("build_model needs an embedding bank (server) or the frozen arrays + meta (site)")
     try:
         model = create_model(cfg.model.name, **text, **kwargs)
-    except ConfigError as exc:
-        if "patch size" not in str(exc):
-            raise
-        raise ConfigError(f"data.preprocess.patch_size={list(kwargs['patch_size'])}: {exc}") from None
+    except PatchSizeError as exc:  # the patch came from data.preprocess (_with_pipeline_patch): name that key
+        raise PatchSizeError(f"data.preprocess.patch_size={list(kwargs['patch_size'])}: {exc}") from None
     if frozen is not None:
         from fedtextseg.params import merge_into
 

@@ -8,7 +8,8 @@ site of the ``valid`` split the same way; :func:`prepare_qata_federation` is wha
 calls for ``data.kind: qata``. :func:`write_federation_file` writes the ``federation.yaml`` of any 2D federation
 (also of the synthetic X-ray hospitals, :mod:`fedtextseg.synthetic.xray`).
 
-Orientation: frontal image, patient's right lung on the image's left (radiological convention).
+Sides: QaTa-COV19's reports call "right" the lung on the image's right half (measured: the expert masks of its
+unilateral valid/ reports lie 97 % on the half the report names, ``benchmarks/qata_report_swap.py``).
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ import yaml
 from fedtextseg.errors import SiteError
 
 __all__ = ["ZONES", "SIDES", "qata_caption", "parse_qata_caption", "split_qata", "qata_eval_site",
-           "write_federation_file", "prepare_qata_federation"]
+           "write_federation_file", "generate_option", "prepare_qata_federation"]
 
 ZONES = ("upper", "middle", "lower")
 SIDES = ("left", "right")  # patient sides; QaTa lists the left lung first
 _NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
-
 
 
 def qata_caption(infected: list[tuple[str, str]]) -> str:
@@ -151,6 +151,13 @@ def write_federation_file(out_dir: str | Path, sites: list[Path], unseen: Path |
     return path
 
 
+def generate_option(gen, key: str, default):
+    """``key`` of a data config's ``generate`` block, ``default`` where it is absent or null (the schema declares
+    every generator's keys, so the ones a 2D generator does not set are null)."""
+    value = gen.get(key) if hasattr(gen, "get") else None
+    return default if value is None else value
+
+
 def prepare_qata_federation(root: str | Path, gen, *, unseen: str | None = None, log_fn=print,
                             project_root: str | Path | None = None) -> list[Path]:
     """:func:`split_qata` of ``<source>/train`` into ``sites`` hospitals (``by``, ``mix``, ``seed`` of a data config's
@@ -158,9 +165,7 @@ def prepare_qata_federation(root: str | Path, gen, *, unseen: str | None = None,
     ``federation.yaml`` under ``root``; returns the training sites. A relative ``source`` is taken from
     ``project_root`` (the folder holding ``configs/``)."""
     root = Path(root).expanduser()
-    def get(key, default=None):  # the schema declares every generator's keys: a null one takes the default
-        value = gen.get(key) if hasattr(gen, "get") else None
-        return default if value is None else value
+    get = lambda key, default: generate_option(gen, key, default)  # noqa: E731
     source = Path(str(get("source", "../shared/data/qata-cov19"))).expanduser()
     if not source.is_absolute():
         source = Path(project_root or Path.cwd()) / source

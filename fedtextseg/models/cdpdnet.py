@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedtextseg.errors import ConfigError, FedTextSegError
+from fedtextseg.errors import ConfigError, FedTextSegError, PatchSizeError
 from fedtextseg.models.blocks import (ConvStage, FiLM, TaskPromptGenerator, TextDrivenHead, WindowCrossAttention3d,
                                       as_triple)
 from fedtextseg.models.dinov2 import DinoConfig, DinoSliceEncoder
@@ -202,17 +202,17 @@ class CDPDNet(nn.Module):
         return tuple(self.config.patch_size)  # type: ignore[return-value]
 
     def check_patch_size(self, size: Sequence[int]) -> tuple[int, int, int]:
-        """``size`` (D, H, W) as a tuple if the network can take it, else a ConfigError saying which sizes work."""
+        """``size`` (D, H, W) as a tuple if the network can take it, else a PatchSizeError saying which sizes work."""
         size = tuple(int(s) for s in size)
         if len(size) != 3:
-            raise ConfigError(f"patch size must be (D, H, W), got {size}")
+            raise PatchSizeError(f"patch size must be (D, H, W), got {size}")
         bad = [f"axis {a}: {n} -> use {max(d, n // d * d)} or {(n // d + 1) * d}"
                for a, (n, d) in enumerate(zip(size, self.divisor)) if n % d or n <= 0]
         if bad:
-            raise ConfigError(f"patch size {size} does not fit this network: each axis must be a multiple of its total "
+            raise PatchSizeError(f"patch size {size} does not fit this network: each axis must be a multiple of its total "
                               f"stride {self.divisor} ({'; '.join(bad)})")
         if math.prod(n // d for n, d in zip(size, self.divisor)) < 2:
-            raise ConfigError(f"patch size {size} leaves a 1-voxel bottleneck (instance norm needs more); use at least "
+            raise PatchSizeError(f"patch size {size} leaves a 1-voxel bottleneck (instance norm needs more); use at least "
                               f"{tuple(2 * d if a == 0 else d for a, d in enumerate(self.divisor))}")
         return size
 

@@ -156,10 +156,11 @@ class TGCNet(nn.Module):
             self.sentences = sentence_tokens()
             self.provenance.update(self.sentences.provenance)
             tw = WIDTH
-        if self.with_text:
+        if self.with_text and self.sentences is None:
             import open_clip
 
             self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.context_length)
+        if self.with_text:
             self.text_in = TextIn(tw, cfg.text_dim)
             if cfg.align_weight > 0:  # unused layers would have no (per-sample) gradient
                 self.img_embed, self.txt_embed = nn.Linear(w2, cfg.text_dim), nn.Linear(cfg.text_dim, cfg.text_dim)
@@ -167,8 +168,9 @@ class TGCNet(nn.Module):
                 from fedtextseg.text.glossary import Glossary
 
                 self.glossary = Glossary.load(cfg.glossary)
-                defs = [f"{t.term}: {t.definition}." for t in self.glossary.terms]
-                self.register_buffer("knowledge_ids", _trim(self.tokenizer(defs)), persistent=False)
+                if self.sentences is None:  # the CLIP text tower encodes the definitions from their token ids
+                    defs = [f"{t.term}: {t.definition}." for t in self.glossary.terms]
+                    self.register_buffer("knowledge_ids", _trim(self.tokenizer(defs)), persistent=False)
                 self.provenance.update(self.glossary.provenance())
         self.provenance.update(text_mode=cfg.text_mode, finetune=cfg.finetune, vocabulary=self.vocabulary.name,
                                vocabulary_hash=self.vocabulary.content_hash)
@@ -251,9 +253,9 @@ class TGCNet(nn.Module):
         tower's weights are unchanged (same storage and version counters; ``load_state_dict`` and optimiser steps
         bump the counters): evaluation runs one image at a time, and the definitions cost more than the image.
         """
-        kid = self.knowledge_ids
         if self.sentences is not None:  # frozen MiniLM: the definitions' sentence embeddings never change
             return self.sentences.pooled([f"{t.term}: {t.definition}." for t in self.glossary.terms])
+        kid = self.knowledge_ids
         key = None
         if not self.training:
             key = (kid.device, torch.is_autocast_enabled(kid.device.type),

@@ -24,7 +24,7 @@ import yaml
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from fedtextseg.data.qata import SIDES, ZONES, qata_caption, write_federation_file
+from fedtextseg.data.qata import SIDES, ZONES, generate_option, qata_caption, write_federation_file
 
 __all__ = ["XraySample", "render_xray", "generate_xray_hospitals", "prepare_synthetic_xray_federation"]
 
@@ -205,9 +205,7 @@ def prepare_synthetic_xray_federation(root: str | Path, gen, *, unseen: str | No
     ``seed``, ``test_images``; the IID ``test`` site is the unseen one) and their ``federation.yaml`` under
     ``root``; returns the training sites."""
     root = Path(root).expanduser()
-    def get(key, default=None):  # the schema declares every generator's keys: a null one takes the default
-        value = gen.get(key) if hasattr(gen, "get") else None
-        return default if value is None else value
+    get = lambda key, default: generate_option(gen, key, default)  # noqa: E731
     n, per = int(get("sites", 3)), int(get("images_per_site", 40))
     size, seed = int(get("size", 128)), int(get("seed", 0))
     test = int(get("test_images", 0) or 0) if unseen else 0
