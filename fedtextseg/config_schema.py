@@ -151,6 +151,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "cdpdnet_tiny"
+    family: Optional[str] = None  # written by configs/model/<name>.yaml with the architecture it names
+    architecture: Optional[Dict[str, Any]] = None  # the named architecture, as read (change it via kwargs)
     kwargs: Dict[str, Any] = field(default_factory=dict)
     dino_cache: bool = False
     text_bank: bool = True

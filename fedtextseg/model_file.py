@@ -73,6 +73,22 @@ def read_model_info(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _trained_architecture(path: Path, info: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's kwargs that rebuild the architecture it was trained with: its ``model.kwargs``, plus every field
+    of the recorded ``model.architecture`` that ``configs/model/<name>.yaml`` has changed since (none usually)."""
+    from fedtextseg.models import architecture_changes, merge_config
+
+    kwargs = dict(info.get("model_kwargs") or {})
+    recorded = ((info.get("config") or {}).get("model") or {}).get("architecture")
+    if not recorded:  # written before architectures were recorded: the file's name and kwargs are all there is
+        return kwargs
+    trained = merge_config(recorded, kwargs, where=f"{path}: model.kwargs")
+    changes = architecture_changes(info["model_name"], trained, where=f"{path}: model.architecture")
+    if "vocabulary" not in kwargs:
+        changes.pop("vocabulary", None)  # TGC-Net reads the data's vocabulary (below), as build_model does
+    return changes
+
+
 def load_model_file(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the network from the file (no hub, no text encoder) and load its weights.
 
@@ -84,7 +100,7 @@ def load_model_file(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
     info = read_model_info(path)
     state = info["state_dict"]
-    kwargs = provided_weights(info["model_name"], dict(info.get("model_kwargs") or {}))
+    kwargs = provided_weights(info["model_name"], _trained_architecture(path, info))
     if "class_embeddings" in state:  # conditioned on the embedding bank (CDPDNet)
         text = dict(class_embeddings=state["class_embeddings"], task_embeddings=state["task_embeddings"],
                     class_names=info["class_names"], task_names=info["task_names"])

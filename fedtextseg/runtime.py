@@ -28,7 +28,7 @@ from fedtextseg.data.site import Site, load_site
 from fedtextseg.data.transforms import PreprocessConfig
 from fedtextseg.errors import ConfigError, PatchSizeError
 from fedtextseg.losses import ConditionalDistillation, build_loss
-from fedtextseg.models import create_model
+from fedtextseg.models import check_architecture, create_model
 from fedtextseg.privacy.site import SitePrivacy
 from fedtextseg.text import EmbeddingBank
 from fedtextseg.vocab import get_vocabulary
@@ -87,6 +87,7 @@ def build_model(cfg: DictConfig, bank: EmbeddingBank | None = None, *, frozen: M
     takes the server's frozen arrays (DINOv2 or CLIP weights, the text bank), so an air-gapped node needs no hub.
     Models that encode their own text (``model.text_bank: false``, TGC-Net) get the data's vocabulary instead.
     """
+    check_architecture(cfg.model.name, cfg.model.family, _plain(cfg.model.architecture))
     kwargs = _with_pipeline_patch(cfg, dict(_plain(cfg.model.kwargs) or {}))
     if not uses_text_bank(cfg):
         if bank is None and (frozen is None or meta is None):

@@ -107,7 +107,8 @@ def test_gradients_reach_lora_cnn_decoder_not_frozen_clip(tiny):
 
 def test_lora_parameter_count_matches_hand_count(tiny):
     r = tiny.config.lora_r
-    vis, txt = T.TINY_CLIP["vision_cfg"], T.TINY_CLIP["text_cfg"]
+    tiny_clip = model_config("tgcnet_tiny")["clip_cfg"]
+    vis, txt = tiny_clip["vision_cfg"], tiny_clip["text_cfg"]
     # 4 square projections (q, k, v, out) of width w per block; LoRA adds A [r, w] + B [w, r] to each
     expected = 4 * 2 * r * (vis["width"] * vis["layers"] + txt["width"] * txt["layers"])
     trainable, total = tiny.clip.get_nb_trainable_parameters()

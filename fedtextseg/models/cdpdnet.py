@@ -29,11 +29,11 @@ from fedtextseg.errors import ConfigError, FedTextSegError, PatchSizeError
 from fedtextseg.models.blocks import (ConvStage, FiLM, TaskPromptGenerator, TextDrivenHead, WindowCrossAttention3d,
                                       as_triple)
 from fedtextseg.models.dinov2 import DinoConfig, DinoSliceEncoder
-from fedtextseg.models.registry import config_from_dict, merge_config, model_config, register_model
+from fedtextseg.models.registry import config_from_dict, merge_config, register_family
 from fedtextseg.params import ParamGroups, build_param_groups, norm_parameter_names
 from fedtextseg.vocab import UnknownClassError, UnknownTaskError, get_vocabulary, normalize_name
 
-__all__ = ["CDPDNetConfig", "CDPDNet", "CDPDNET_CONFIGS", "centred_text", "text_centre", "coordinate_grid"]
+__all__ = ["CDPDNetConfig", "CDPDNet", "centred_text", "text_centre", "coordinate_grid"]
 
 
 @dataclass
@@ -389,43 +389,14 @@ def centred_text(embeddings: Tensor, centre: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------- named configurations
-CDPDNET_CONFIGS: dict[str, dict] = {
-    # The paper: 6 stages 32..320, ViT-B/14 DINOv2 (last 3 layers), fusion at stages 2-4, 96^3 patches.
-    "cdpdnet_paper": CDPDNetConfig(dino=DinoConfig(name="vit_base_patch14_dinov2", layers=3, weights="hub")).to_dict(),
-    # One modest GPU: 5 stages 16..256, ViT-S/14, fusion at stages 2-3, 64x96x96 patches.
-    "cdpdnet_small": CDPDNetConfig(
-        widths=(16, 32, 64, 128, 256), strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
-        kernels=((1, 3, 3), 3, 3, 3, 3), fusion_stages=(2, 3), text_dim=128, patch_size=(64, 96, 96),
-        dino=DinoConfig(name="vit_small_patch14_dinov2", layers=3, weights="hub")).to_dict(),
-    # Tests and the 2-core CPU demo: 4 stages 8..64, a 2-block random ViT-S, 32^3 patches.
-    "cdpdnet_tiny": CDPDNetConfig(
-        widths=(8, 16, 32, 64), strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)), kernels=(3, 3, 3, 3),
-        fusion_stages=(1, 2), attn_heads=2, adaptor_kernel=1, text_dim=32, patch_size=(32, 32, 32),
-        dino=DinoConfig(name="vit_small_patch14_dinov2", depth=2, layers=2, weights=None)).to_dict(),
-}
-
-
-def _create_cdpdnet(name: str, *, class_embeddings=None, task_embeddings=None, class_names=None, task_names=None,
-                    **overrides) -> CDPDNet:
+@register_family("cdpdnet", config_class=CDPDNetConfig)
+def _create_cdpdnet(name: str, config: dict, *, class_embeddings=None, task_embeddings=None, class_names=None,
+                    task_names=None, **overrides) -> CDPDNet:
+    """A named architecture (configs/model/<name>.yaml: cdpdnet_paper, cdpdnet_small, cdpdnet_tiny) + overrides."""
     if class_embeddings is None or task_embeddings is None or class_names is None or task_names is None:
         raise ConfigError(f"{name} needs the frozen text bank: pass class_embeddings [C, E], task_embeddings [T, E], "
                           "class_names and task_names (an embedding bank from fedtextseg.text)")
-    cfg = merge_config(model_config(name), overrides, where=name)
+    cfg = merge_config(config, overrides, where=name)
     model = CDPDNet(class_embeddings, task_embeddings, class_names, task_names, **cfg)
     model.model_name = model.provenance["model"] = name
     return model
-
-
-@register_model(config=CDPDNET_CONFIGS["cdpdnet_paper"])
-def cdpdnet_paper(**kwargs) -> CDPDNet:
-    return _create_cdpdnet("cdpdnet_paper", **kwargs)
-
-
-@register_model(config=CDPDNET_CONFIGS["cdpdnet_small"])
-def cdpdnet_small(**kwargs) -> CDPDNet:
-    return _create_cdpdnet("cdpdnet_small", **kwargs)
-
-
-@register_model(config=CDPDNET_CONFIGS["cdpdnet_tiny"])
-def cdpdnet_tiny(**kwargs) -> CDPDNet:
-    return _create_cdpdnet("cdpdnet_tiny", **kwargs)

@@ -20,15 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PlainAttention", "TextTower", "ClipTowers", "build_clip", "TINY_CLIP", "CLIP_MEAN", "CLIP_STD", "PROVIDED"]
+__all__ = ["PlainAttention", "TextTower", "ClipTowers", "build_clip", "CLIP_MEAN", "CLIP_STD", "PROVIDED"]
 
 log = logging.getLogger(__name__)
 
 PROVIDED = "provided"  # pretrained=...: the caller loads the frozen CLIP weights (federated sites, model files)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # preprocessing
-TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-             "text_cfg": {"context_length": 40, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-
 
 class PlainAttention(nn.Module):
     """Drop-in for open_clip's ``nn.MultiheadAttention`` (batch-first) with separate q/k/v/out ``nn.Linear``."""

@@ -1,17 +1,20 @@
 """A timm-style registry of named model configurations: ``create_model(name, **overrides)``.
 
-Each architecture module registers one builder function per named configuration (``cdpdnet_tiny``, ``tgcnet_...``)
-together with that configuration as plain data, so a run can record exactly what it built::
+The named architectures are data: ``configs/model/<name>.yaml`` (the Hydra ``model`` option of the same name)
+spells out every field of its family's config under ``architecture:`` and names the family (``family: cdpdnet``).
+Each architecture module registers its family once, in Python: the builder and the config dataclass that
+validates and normalises a file's ``architecture`` (open_clip keeps its model configs as data files the same way)::
 
-    @register_model(config={"widths": (8, 16, 32), ...})
-    def cdpdnet_tiny(**kwargs):
-        return _create_cdpdnet("cdpdnet_tiny", **kwargs)
+    @register_family("cdpdnet", config_class=CDPDNetConfig)
+    def _create_cdpdnet(name, config, **kwargs): ...
 
     list_models("cdpdnet*")                     # -> ["cdpdnet_paper", "cdpdnet_small", "cdpdnet_tiny"]
-    model_config("cdpdnet_tiny")                # -> a deep copy of the registered config dict
+    model_config("cdpdnet_tiny")                # -> the file's architecture, normalised by CDPDNetConfig
     create_model("cdpdnet_tiny", text_dim=64, dino={"weights": "hub"}, class_embeddings=..., ...)
 
-Unknown names raise :class:`~fedtextseg.errors.ConfigError` listing the closest registered names.
+A new size is a new file (in the project's ``configs/model/`` or the folder ``FEDTEXTSEG_CONFIGS`` names), no code.
+The files are read on first use and again when one changes. Unknown names raise
+:class:`~fedtextseg.errors.ConfigError` listing the closest registered names; a malformed file names itself.
 """
 
 from __future__ import annotations
@@ -20,62 +23,156 @@ import copy
 import dataclasses
 import difflib
 import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
+
+import yaml
 
 from fedtextseg.errors import ConfigError
 
 __all__ = [
-    "register_model", "list_models", "is_model", "model_config", "create_model", "merge_config", "config_from_dict",
+    "register_family", "list_models", "is_model", "model_config", "model_family", "architecture_changes",
+    "check_architecture", "create_model", "merge_config", "config_from_dict",
 ]
 
-_BUILDERS: dict[str, Callable[..., Any]] = {}
-_CONFIGS: dict[str, dict] = {}
+
+@dataclass(frozen=True)
+class _Family:
+    build: Callable[..., Any]  # build(name, config: dict, **kwargs) -> nn.Module
+    config_class: type  # a dataclass: validates a file's architecture; asdict() of it is the normalised config
 
 
-def register_model(fn: Callable | None = None, *, name: str | None = None, config: Mapping | None = None):
-    """Register ``fn(**kwargs) -> nn.Module`` under ``name`` (default: the function's name).
+@dataclass(frozen=True)
+class _Named:
+    family: str
+    config: dict
+    path: Path
 
-    Usable bare (``@register_model``) or with arguments (``@register_model(config={...})``). ``config`` is the named
-    configuration as data; :func:`model_config` returns a copy of it. Registering a name twice is an error.
-    """
 
-    def decorate(builder: Callable) -> Callable:
-        key = name or builder.__name__
-        if key in _BUILDERS and _BUILDERS[key] is not builder:
-            raise ConfigError(f"model name {key!r} is registered twice; pick another name")
-        _BUILDERS[key] = builder
-        _CONFIGS[key] = copy.deepcopy(dict(config)) if config is not None else {}
-        return builder
+_FAMILIES: dict[str, _Family] = {}
+_CACHE: dict[str, tuple[tuple, dict[str, _Named]]] = {}  # configs/model folder -> (its files, named configs)
 
-    return decorate(fn) if fn is not None else decorate
+
+def register_family(family: str, *, config_class: type):
+    """Register ``build(name, config, **kwargs) -> nn.Module`` for the architecture files naming ``family``."""
+
+    def decorate(build: Callable) -> Callable:
+        if family in _FAMILIES and _FAMILIES[family].build is not build:
+            raise ConfigError(f"model family {family!r} is registered twice; pick another name")
+        _FAMILIES[family] = _Family(build, config_class)
+        return build
+
+    return decorate
+
+
+def _normalise(family: _Family, architecture: Any, where: str) -> dict:
+    """The architecture through its family's dataclass: every field present, types normalised (tuples)."""
+    if not isinstance(architecture, Mapping):
+        raise ConfigError(f"{where}: 'architecture' must be a mapping of {family.config_class.__name__} fields")
+    fields = [f.name for f in dataclasses.fields(family.config_class)]
+    missing = [f for f in fields if f not in architecture]
+    if missing:  # the file is the whole architecture: no size hides in the dataclass defaults
+        raise ConfigError(f"{where}: 'architecture' lacks {', '.join(missing)} (spell out every field of "
+                          f"{family.config_class.__name__})")
+    try:
+        config = config_from_dict(family.config_class, dict(architecture), where=where)
+        check = getattr(config, "check", None)
+        if callable(check):
+            check()
+    except ConfigError as exc:
+        raise ConfigError(str(exc) if where in str(exc) else f"{where}: {exc}") from None
+    return dataclasses.asdict(config)
+
+
+def _read(path: Path) -> _Named | None:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read it as YAML ({exc})") from None
+    if not isinstance(data, Mapping) or "architecture" not in data:
+        return None  # a Hydra model option that selects a named architecture (e.g. cdpdnet_tiny_nodino)
+    if data.get("name") != path.stem:
+        raise ConfigError(f"{path}: an architecture file's 'name' must be its file name {path.stem!r}, "
+                          f"got {data.get('name')!r}")
+    family = data.get("family")
+    if family not in _FAMILIES:
+        raise ConfigError(f"{path}: unknown model family {family!r}; registered families: "
+                          f"{', '.join(sorted(_FAMILIES)) or '(none)'}")
+    return _Named(family, _normalise(_FAMILIES[family], data["architecture"], str(path)), path)
+
+
+def _named() -> dict[str, _Named]:
+    """Every architecture file of the configs folder, read again when a file changes."""
+    from fedtextseg.config import configs_dir
+
+    folder = configs_dir() / "model"
+    files = sorted(folder.glob("*.yaml"))
+    stamps = tuple((p.name, p.read_bytes()) for p in files)  # a few kB: compared whole, parsed when changed
+    cached = _CACHE.get(str(folder))
+    if cached is None or cached[0] != stamps:
+        named = {p.stem: n for p in files if (n := _read(p)) is not None}
+        _CACHE[str(folder)] = cached = (stamps, named)
+    return cached[1]
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style ``pattern``, sorted."""
-    return sorted(n for n in _BUILDERS if fnmatch.fnmatch(n, pattern))
+    """Named architectures matching a shell-style ``pattern``, sorted."""
+    return sorted(n for n in _named() if fnmatch.fnmatch(n, pattern))
 
 
 def is_model(name: str) -> bool:
-    return name in _BUILDERS
+    return name in _named()
 
 
-def _lookup(name: str) -> str:
-    if name in _BUILDERS:
-        return name
-    close = difflib.get_close_matches(str(name), list(_BUILDERS), n=3, cutoff=0.5)
+def _lookup(name: str) -> _Named:
+    named = _named()
+    if name in named:
+        return named[name]
+    close = difflib.get_close_matches(str(name), list(named), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    known = ", ".join(list_models()) or "(none registered)"
-    raise ConfigError(f"unknown model {name!r}{hint} Registered models: {known}")
+    known = ", ".join(sorted(named)) or "(none)"
+    raise ConfigError(f"unknown model {name!r}{hint} Named architectures (configs/model/*.yaml): {known}")
 
 
 def model_config(name: str) -> dict:
-    """A deep copy of the configuration registered for ``name``."""
-    return copy.deepcopy(_CONFIGS[_lookup(name)])
+    """A deep copy of the architecture ``configs/model/<name>.yaml`` declares, normalised by its family."""
+    return copy.deepcopy(_lookup(name).config)
+
+
+def model_family(name: str) -> str:
+    """The family (``cdpdnet``, ``tgcnet``) that builds the named architecture."""
+    return _lookup(name).family
+
+
+def architecture_changes(name: str, architecture: Mapping, *, where: str) -> dict:
+    """The fields of ``architecture`` (a full one, e.g. recorded in a run's config) that differ from what
+    ``configs/model/<name>.yaml`` declares now, normalised by the family."""
+    named = _lookup(name)
+    given = _normalise(_FAMILIES[named.family], architecture, where)
+    return {k: v for k, v in given.items() if v != named.config[k]}
+
+
+def check_architecture(name: str, family: str | None, architecture: Mapping | None) -> None:
+    """Refuse a composed ``model.architecture`` (or ``model.family``) that is not the one
+    ``configs/model/<name>.yaml`` declares: the named architecture is read from its file, and changed through
+    ``model.kwargs``. ``None`` (a config that does not carry it) passes."""
+    named = _lookup(name)
+    if family is not None and family != named.family:
+        raise ConfigError(f"model.family={family!r}, but {named.path} builds {name!r} with family {named.family!r}")
+    if architecture is None:
+        return
+    changed = sorted(architecture_changes(name, architecture, where=f"model.architecture of {name!r}"))
+    if changed:
+        raise ConfigError(f"model.architecture.{changed[0]} differs from {named.path} (changed: {', '.join(changed)}); "
+                          f"the named architecture is not edited in place: set model.kwargs.{changed[0]}=... "
+                          "or add an architecture file")
 
 
 def create_model(name: str, **kwargs: Any):
-    """Build the registered model ``name``; keyword arguments override its configuration or are passed through."""
-    return _BUILDERS[_lookup(name)](**kwargs)
+    """Build the named architecture; keyword arguments override its configuration or are passed through."""
+    named = _lookup(name)
+    return _FAMILIES[named.family].build(name, copy.deepcopy(named.config), **kwargs)
 
 
 def merge_config(base: Mapping, overrides: Mapping, *, where: str = "config") -> dict:

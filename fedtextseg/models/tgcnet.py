@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -42,15 +42,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedtextseg.errors import ConfigError
-from fedtextseg.models.clip_towers import (CLIP_MEAN, CLIP_STD, PROVIDED, TINY_CLIP, ClipTowers, PlainAttention,
+from fedtextseg.models.clip_towers import (CLIP_MEAN, CLIP_STD, PROVIDED, ClipTowers, PlainAttention,
                                            build_clip)
-from fedtextseg.models.registry import config_from_dict, merge_config, model_config, register_model
+from fedtextseg.models.registry import config_from_dict, merge_config, register_family
 from fedtextseg.models.tgcnet_blocks import (Calibration, Fuse, ResStage, TextIn, Up, VitAdapter,
                                              conv_gn)
 from fedtextseg.params import ParamGroups, build_param_groups
 from fedtextseg.vocab import get_vocabulary
 
-__all__ = ["TGCNetConfig", "TGCNet", "PlainAttention", "build_clip", "TINY_CLIP", "TGCNET_CONFIGS", "PROVIDED"]
+__all__ = ["TGCNetConfig", "TGCNet", "PlainAttention", "build_clip", "PROVIDED"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,10 @@ class TGCNetConfig:
     align_temperature: float = 0.07  # fixed (a learnable scale would be a raw parameter Opacus cannot handle)
     groups: int = 8  # GroupNorm groups (capped by the width)
     extra: dict = field(default_factory=dict)  # free-form notes kept with the config
+
+    def __post_init__(self):
+        self.vit_layers, self.cnn_widths, self.lora_targets = (tuple(v) for v in (self.vit_layers, self.cnn_widths,
+                                                                                  self.lora_targets))
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for inconsistent options."""
@@ -114,8 +118,6 @@ class TGCNet(nn.Module):
     def __init__(self, config: TGCNetConfig | Mapping | None = None):
         super().__init__()
         cfg = config_from_dict(TGCNetConfig, config, where="tgcnet") if not isinstance(config, TGCNetConfig) else config
-        cfg.vit_layers, cfg.cnn_widths, cfg.lora_targets = (tuple(v) for v in (cfg.vit_layers, cfg.cnn_widths,
-                                                                               cfg.lora_targets))
         cfg.check()
         self.config, self.with_text = cfg, cfg.text_mode == "report"
         self.sentences = None  # text_encoder="minilm": the frozen packaged MiniLM (fedtextseg.text.sentence_tokens)
@@ -349,45 +351,11 @@ _SHARED_MODULES = ("clip.", "stem.", "stages.", "adapters.", "img_embed.", "txt_
 
 
 # ----------------------------------------------------------------------------- named configurations
-_SMALL_CLIP = {"embed_dim": 128, "vision_cfg": {"image_size": 128, "layers": 6, "width": 256, "patch_size": 16},
-               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 6}}
-_NAMED = {
-    # tests on CPU: 64x64 inputs, 2-block ViT/text towers of width 32, random init
-    "tgcnet_tiny": dict(image_size=64, clip_model=None, clip_cfg=TINY_CLIP, pretrained=None, vit_layers=(0, 1, 1),
-                        cnn_widths=(8, 16, 16, 32), stem_width=8, text_dim=32, heads=2, lora_r=4, lora_alpha=8,
-                        groups=4),
-    # CPU simulations on the synthetic hospitals (128x128): 6-block towers of width 256, random init
-    "tgcnet_small": dict(image_size=128, clip_model=None, clip_cfg=_SMALL_CLIP, pretrained=None, vit_layers=(1, 3, 5),
-                         cnn_widths=(16, 32, 64, 128), stem_width=16, text_dim=128, heads=4),
-    # the paper setting: CLIP ViT-B/16 (openai weights from a file or the hub cache) at 224x224, LoRA r=8, GPU
-    "tgcnet_paper": dict(),
-}
-
-
-TGCNET_CONFIGS = {name: asdict(TGCNetConfig(**kw)) for name, kw in _NAMED.items()}
-
-
-def _create(name: str, **overrides) -> TGCNet:
-    """Build the named configuration ``name`` with ``overrides`` (any TGCNetConfig field)."""
-    cfg = merge_config(model_config(name), overrides, where=name)
+@register_family("tgcnet", config_class=TGCNetConfig)
+def _create(name: str, config: dict, **overrides) -> TGCNet:
+    """A named architecture (configs/model/<name>.yaml: tgcnet_tiny, tgcnet_small, tgcnet_paper) + ``overrides``
+    (any TGCNetConfig field)."""
+    cfg = merge_config(config, overrides, where=name)
     model = TGCNet(config_from_dict(TGCNetConfig, cfg, where=name))
     model.model_name = model.provenance["model"] = name
     return model
-
-
-@register_model(config=TGCNET_CONFIGS["tgcnet_tiny"])
-def tgcnet_tiny(**kwargs) -> TGCNet:
-    """TGC-Net for tests on CPU: 64x64, 2-block width-32 random-init towers, LoRA r=4."""
-    return _create("tgcnet_tiny", **kwargs)
-
-
-@register_model(config=TGCNET_CONFIGS["tgcnet_small"])
-def tgcnet_small(**kwargs) -> TGCNet:
-    """TGC-Net for CPU simulations: 128x128 (overridable), 6-block width-256 random-init towers, LoRA r=8."""
-    return _create("tgcnet_small", **kwargs)
-
-
-@register_model(config=TGCNET_CONFIGS["tgcnet_paper"])
-def tgcnet_paper(**kwargs) -> TGCNet:
-    """TGC-Net at the paper's size: CLIP ViT-B/16 ('openai' weights, read locally) at 224x224, LoRA r=8."""
-    return _create("tgcnet_paper", **kwargs)
