@@ -17,7 +17,7 @@ from fedtextseg.models.tgcnet import TGCNetConfig
 from fedtextseg.runtime import build_model
 from fedtextseg.text import EmbeddingBank
 from fedtextseg.vocab import get_vocabulary
-from tests.conftest import make_bank
+from conftest import make_bank
 
 FAMILIES = {"cdpdnet": CDPDNetConfig, "tgcnet": TGCNetConfig}
 NAMED = ["cdpdnet_paper", "cdpdnet_small", "cdpdnet_tiny", "tgcnet_paper", "tgcnet_small", "tgcnet_tiny"]

@@ -18,7 +18,7 @@ from fedtextseg.losses import PartialLabelLoss
 from fedtextseg.models import create_model
 from fedtextseg.privacy import (SiteLedger, SitePrivacy, epsilon_for, plan_noise_multiplier, resolve_settings,
                                 screen_eval_summary, split_declined, write_privacy_ledger)
-from fedtextseg.privacy.dpsgd import PerSampleMean, make_private, validate_model
+from fedtextseg.privacy.dpsgd import PerSampleMean, make_private, poisson_loader, validate_model
 from fedtextseg.vocab import get_vocabulary
 from conftest import make_bank
 
@@ -590,3 +590,23 @@ def test_dp_round_after_an_evaluation_trains(tmp_path):
             if r["kind"] == "train"]
     assert {(r["round"], r["site"]) for r in rows} == {(r, s) for r in (1, 2) for s in ("site01-btcv", "site02-lits")}
     assert coord.start_round == 1
+
+
+def test_poisson_loader_draws_each_volume_independently_for_the_rounds_steps():
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    volumes = [[{"image": torch.full((1, 2, 2, 2), float(i)), "case_id": f"case-{i}"}] * 2 for i in range(30)]
+    loader = poisson_loader(volumes, 0.1, steps=400, generator=torch.Generator().manual_seed(3))
+    assert isinstance(loader.batch_sampler, UniformWithReplacementSampler)  # Opacus's sampler draws the batches
+    batches = list(loader)
+    assert len(batches) == 400  # train.local_steps, not 1 / sample_rate
+    sizes = [len(set(b["case_id"])) for b in batches]
+    assert abs(np.mean(sizes) - 3.0) < 0.3 and np.var(sizes) > 1.5  # Binomial(30, 0.1): mean 3, variance 2.7
+    empty = [b for b in batches if not b["case_id"]]
+    assert len(empty) > 3 and all(b["image"].shape[0] == 0 for b in empty)  # 0.9^30: ~17 empty draws, kept
+    full = next(b for b in batches if b["case_id"])
+    assert full["image"].shape[0] == 2 * len(set(full["case_id"]))  # a volume's crops are consecutive rows
+    again = list(poisson_loader(volumes, 0.1, steps=400, generator=torch.Generator().manual_seed(3)))
+    assert [b["case_id"] for b in again] == [b["case_id"] for b in batches]
+    with pytest.raises(ConfigError, match="rate"):
+        poisson_loader(volumes, 0.0, steps=1)

@@ -84,7 +84,11 @@ def _collate_or_empty(items: list) -> dict[str, Any]:
 
 def poisson_loader(dataset, sample_rate: float, steps: int, generator: torch.Generator | None = None):
     """Batches of whole volumes by Poisson sampling (each volume with probability ``sample_rate``), ``steps`` per
-    pass; a volume's random crops are flattened into consecutive rows by MONAI's ``list_data_collate``."""
+    pass; a volume's random crops are flattened into consecutive rows by MONAI's ``list_data_collate``.
+
+    Opacus's own sampler draws the batches. Its ``DPDataLoader`` is not used: it fixes a pass at ``1/sample_rate``
+    steps (a round takes ``train.local_steps``) and builds an empty batch from the first sample's shapes (here a
+    sample is a list of crops); the accounting only needs the rate and the number of steps, which the ledger gets."""
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
     from torch.utils.data import DataLoader
 
