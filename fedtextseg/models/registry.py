@@ -164,9 +164,9 @@ def check_architecture(name: str, family: str | None, architecture: Mapping | No
         return
     changed = sorted(architecture_changes(name, architecture, where=f"model.architecture of {name!r}"))
     if changed:
-        raise ConfigError(f"model.architecture.{changed[0]} differs from {named.path} (changed: {', '.join(changed)}); "
-                          f"the named architecture is not edited in place: set model.kwargs.{changed[0]}=... "
-                          "or add an architecture file")
+        raise ConfigError(f"model.architecture.{changed[0]} differs from {named.path} (changed: {', '.join(changed)}): "
+                          f"the named architecture is not edited in place (set model.kwargs.{changed[0]}=... or add "
+                          "an architecture file)")
 
 
 def create_model(name: str, **kwargs: Any):
