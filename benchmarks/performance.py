@@ -1,9 +1,9 @@
 """Performance harness: where the time, memory and bytes of a fedtextseg run go, on this machine. Figures, never
 assertions.
 
-    python benchmarks/performance.py                    # CPU-sized, ~10 min on 2 cores
+    python benchmarks/performance.py                    # CPU-sized, ~15 min on 2 cores
     python benchmarks/performance.py --skip flower      # without the Flower simulation (no Ray)
-    python benchmarks/performance.py --rounds 3 --local-steps 10 --out results/studies
+    python benchmarks/performance.py --rounds 3 --local-steps 10,25 --out results/studies
 
 Sections (each can be skipped with ``--skip``):
 
@@ -76,46 +76,62 @@ def _round_times(run_dir: Path, launched: float) -> tuple[float, float]:
             statistics.median(gaps) if gaps else float("nan"))
 
 
-def _overrides(args, out: Path) -> list[str]:
-    return [f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
+def _overrides(args, out: Path, local_steps: int) -> list[str]:
+    return [f"federation.rounds={args.rounds}", f"train.local_steps={local_steps}",
             f"data.root={DATA}", "data.generate.cases_per_site=4", "eval.max_cases=1",
             "eval.overlap=0.0", "eval.hd95=false", f"run.results_dir={out}", *args.override]
 
 
-def flower_rows(args, work: Path) -> tuple[list[dict], Path]:
-    """The same federated run through Flower and in one process; returns rows and the in-process run folder."""
+def _flower_pair(args, work: Path, local_steps: int) -> tuple[list[dict], Path, Path]:
+    """One federated configuration run in one process and then as a Flower simulation; rows and both run folders."""
     from fedtextseg.config import compose_config
     from fedtextseg.federation.inprocess import run_federation_inprocess
-    from fedtextseg.tracking import read_metrics
 
-    overrides = _overrides(args, work)
+    overrides, tag = _overrides(args, work, local_steps), f"{local_steps} local steps"
+    inproc_dir, flower_dir = work / f"inprocess-{local_steps}", work / f"flower-{local_steps}"
     # both arms train on every core: in process torch's default, in Flower `fedtextseg simulate` sets run.threads to
     # --cpus-per-site (the demo's own run.threads is 1, for sites side by side)
     cfg = compose_config("demo", overrides + ["run.threads=null"])
     launched, start = time.time(), time.perf_counter()
-    run_federation_inprocess(cfg, work / "inprocess", log_fn=lambda *_: None)
+    run_federation_inprocess(cfg, inproc_dir, log_fn=lambda *_: None)
     inproc_total = time.perf_counter() - start
-    inproc_start, inproc_round = _round_times(work / "inprocess", launched)
-    rows = [{"section": "federated run", "variant": "in process (Coordinator + SiteRunner)",
+    inproc_start, inproc_round = _round_times(inproc_dir, launched)
+    rows = [{"section": "federated run", "variant": f"in process (Coordinator + SiteRunner), {tag}",
              "seconds": inproc_total, "per_round_s": inproc_round},
-            {"section": "federated run", "variant": "in process: start-up to the first round's end",
+            {"section": "federated run", "variant": f"in process: start-up to the first round's end, {tag}",
              "seconds": inproc_start}]
     if "flower" in args.skip:
-        return rows, work / "inprocess"
+        return rows, inproc_dir, flower_dir
     launched, start = time.time(), time.perf_counter()
-    subprocess.run([sys.executable, "-m", "fedtextseg.cli", "simulate", "--experiment", "demo", "--run-name", "flower",
-                    "--cpus-per-site", str(os.cpu_count() or 1), "--overrides", " ".join(overrides)],
+    subprocess.run([sys.executable, "-m", "fedtextseg.cli", "simulate", "--experiment", "demo", "--run-name",
+                    flower_dir.name, "--cpus-per-site", str(os.cpu_count() or 1), "--overrides", " ".join(overrides)],
                    check=True, cwd=PROJECT)
     flower_total = time.perf_counter() - start
-    flower_start, flower_round = _round_times(work / "flower", launched)
-    rows += [{"section": "federated run", "variant": "Flower simulation (flwr run, Ray)", "seconds": flower_total,
-              "per_round_s": flower_round},
+    flower_start, flower_round = _round_times(flower_dir, launched)
+    rows += [{"section": "federated run", "variant": f"Flower simulation (flwr run, Ray), {tag}",
+              "seconds": flower_total, "per_round_s": flower_round},
              {"section": "federated run", "variant": "Flower: start-up to the first round's end (SuperLink, Ray, "
-              "app bundle, frozen parts sent)", "seconds": flower_start},
-             {"section": "federated run", "variant": f"Flower overhead (per round {flower_round / inproc_round:.2f}x "
-              "in process)", "seconds": flower_total - inproc_total, "per_round_s": flower_round - inproc_round}]
-    meta = json.loads((work / "flower" / "metadata.json").read_text())
-    sites = [r for r in read_metrics(work / "flower") if r.get("kind") == "train" and r.get("bytes_received")]
+              f"app bundle, frozen parts sent), {tag}", "seconds": flower_start},
+             {"section": "federated run", "variant": f"Flower overhead, {tag} (per round "
+              f"{flower_round / inproc_round:.2f}x in process)", "seconds": flower_total - inproc_total,
+              "per_round_s": flower_round - inproc_round}]
+    return rows, inproc_dir, flower_dir
+
+
+def flower_rows(args, work: Path) -> tuple[list[dict], Path]:
+    """The same federated runs through Flower and in one process, at each ``--local-steps`` (a short round shows the
+    fixed cost of a round's messages, the demo's 25 steps what a user pays); returns rows and an in-process run
+    folder (for the inference section)."""
+    from fedtextseg.tracking import read_metrics
+
+    rows, flower_dir, inproc_dir = [], None, None
+    for local_steps in args.local_steps:
+        pair, inproc_dir, flower_dir = _flower_pair(args, work, local_steps)
+        rows += pair
+    if "flower" in args.skip:
+        return rows, inproc_dir
+    meta = json.loads((flower_dir / "metadata.json").read_text())
+    sites = [r for r in read_metrics(flower_dir) if r.get("kind") == "train" and r.get("bytes_received")]
     if sites:
         rows.append({"section": "bytes per round per site", "variant": "Flower message, site -> server (measured)",
                      "mb": sum(r["bytes_received"] for r in sites) / len(sites) / 1e6})
@@ -129,7 +145,7 @@ def flower_rows(args, work: Path) -> tuple[list[dict], Path]:
                  "mb": meta["wire_bytes"] / 1e6})
     rows.append({"section": "bytes per round per site", "variant": "full model (FedAvg of every tensor)",
                  "mb": meta["full_model_bytes"] / 1e6})
-    return rows, work / "inprocess"
+    return rows, inproc_dir
 
 
 def inference_rows(run_dir: Path, work: Path, args) -> list[dict]:
@@ -172,7 +188,7 @@ def write_outputs(rows: list[dict], out: Path, args, elapsed: float) -> None:
              f"Ran {info['date']} on {m['cpu_model']} ({m['cpus']} cores, {m['torch_threads']} torch threads, load "
              f"average {m['load_average']}), device {m['device']}, torch {m['torch']}, Flower {m.get('flwr')}. "
              f"Command: `{info['command']}`. Federated runs: demo experiment, 4 sites, {args.rounds} rounds x "
-             f"{args.local_steps} local steps. On a shared machine, wall times include other people's jobs.", "",
+             f"{' and '.join(map(str, args.local_steps))} local steps. On a shared machine, wall times include other people's jobs.", "",
              "| section | variant | seconds | s / round | peak memory MB | MB |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['section']} | {r['variant']} | {cell(r, 'seconds', 3)} | {cell(r, 'per_round_s', 2)} | "
               f"{cell(r, 'peak_mb', 0)} | {cell(r, 'mb', 2)} |" for r in rows]
@@ -196,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=PROJECT / "results" / "studies")
     p.add_argument("--rounds", type=int, default=5, help="federated rounds (the per-round figure is the median of "
                    "the rounds - 1 gaps between them)")
-    p.add_argument("--local-steps", type=int, default=4)
+    p.add_argument("--local-steps", type=lambda v: [int(x) for x in v.split(",")], default=[4, 25],
+                   help="local steps per round, comma-separated: each is measured in process and through Flower")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per step variant")
     p.add_argument("--repeats", type=int, default=3, help="timed inference repeats")
     p.add_argument("--skip", nargs="*", default=[], choices=SECTIONS)

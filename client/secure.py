@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import numpy as np
+
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedtextseg.data.dataset import split_cases
@@ -79,7 +81,8 @@ def secure_train(msg: Message, context: Context, train_fn) -> Message:
     metrics = record_to_metrics(reply.content.metric_records[wire.METRICS])
     n = int(metrics.pop(wire.NUM_EXAMPLES))
     declined = float(metrics.get("privacy/declined", 0.0)) > 0.5
-    weight = secure_weight(str(conf.get(wire.WEIGHTING, "examples")), n, declined)
+    weight = secure_weight(str(conf.get(wire.WEIGHTING, "examples")), n, declined,
+                           num_annotated=int(np.asarray(annotated).astype(bool).sum()))
     spec = SimpleNamespace(shared=groups["shared"], per_class={k: int(v) for k, v in groups["per_class"].items()})
     vector = encode_update(global_arrays, local, annotated, spec, clip=float(conf.get(wire.CLIPPING_RANGE, 1.0)))
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(vector), weight,

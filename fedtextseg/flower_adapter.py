@@ -338,13 +338,14 @@ def eval_reply_summary(content: RecordDict, class_names: Sequence[str]) -> dict[
 
 # ---------------------------------------------------------------- the round's messages over Flower
 def send_and_receive(grid, messages: Sequence[Message], *, timeout: float | None, first_poll: float = 0.02,
-                     max_poll: float = 0.5) -> list[Message]:
+                     max_poll: float = 0.2) -> list[Message]:
     """Push ``messages`` and pull their replies until all have come or ``timeout`` seconds have passed.
 
     Flower's own ``Grid.send_and_receive`` over a SuperLink (``HttpGrid``: the ServerApp of a deployment with
     SuperNodes) sleeps 3 s between pulls, so every train and evaluate exchange waits 1.5 s on average after its
     last reply, 3 s a round (the simulation's in-memory grid pulls every 0.1 s). Here the interval starts at
-    ``first_poll``, grows by half each empty pull up to ``max_poll`` and restarts when a reply comes."""
+    ``first_poll``, grows by half each empty pull up to ``max_poll`` and restarts when a reply comes: a round's last
+    reply waits at most ``max_poll`` (0.2 s; at most five small pull requests a second while a round trains)."""
     msg_ids = set(grid.push_messages(messages))
     end = time.monotonic() + timeout if timeout is not None else math.inf
     replies: list[Message] = []

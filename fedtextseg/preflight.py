@@ -20,11 +20,11 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fedtextseg.errors import ConfigError
+from fedtextseg.federation.aggregation import WEIGHTINGS
 
 __all__ = ["preflight", "check_federation_options", "check_patch_size", "check_disk_space"]
 
 ROBUST_RULES = ("median", "trimmed_mean")
-WEIGHTINGS = ("examples", "equal")
 
 
 def _shown(value: Any) -> str:
@@ -44,7 +44,7 @@ def check_federation_options(cfg: DictConfig, num_sites: int | None = None) -> N
     if robust not in (None, "", "mean", *ROBUST_RULES):
         problems.append(f"federation.robust={robust!r} is not a rule; use null, {' or '.join(ROBUST_RULES)}")
     if fed.weighting not in WEIGHTINGS:
-        problems.append(f"federation.weighting={fed.weighting!r}; use {' or '.join(WEIGHTINGS)}")
+        problems.append(f"federation.weighting={fed.weighting!r}; use {', '.join(WEIGHTINGS)}")
     for key, low in (("rounds", 1), ("min_sites", 1)):
         value = fed[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:

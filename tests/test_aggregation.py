@@ -55,6 +55,14 @@ def test_equal_weighting():
     np.testing.assert_allclose(out["head.w"][:, 0], [1.0, 2.0 + 100, 4.0 + 200, 10.0], rtol=1e-6)
 
 
+def test_class_count_weighting():
+    """weighting=classes: examples x annotated classes (A 1x2, B 3x2, S3 4x1), shared and per-class rows alike."""
+    out = aggregate(_global(), _three_sites(), GROUPS, weighting="classes")
+    np.testing.assert_allclose(out["enc.w"], [(2 * 1 + 6 * 3 + 4 * 5) / 12, (2 * 2 + 6 * 4 + 4 * 6) / 12], rtol=1e-6)
+    np.testing.assert_allclose(out["head.w"][:, 0], [1.0, (2 * 1 + 6 * 3) / 8 + 100, (6 * 3 + 4 * 5) / 10 + 200, 10.0],
+                               rtol=1e-6)
+
+
 @pytest.mark.parametrize("key,axis", [("head.w", 0), ("film.w", 1)])
 def test_class_aware_rows(key, axis):
     out = aggregate(_global(), _three_sites(), GROUPS)

@@ -542,13 +542,14 @@ def test_secure_sum_encoding_reproduces_groupwise_classaware_aggregation():
                                     for k, v in global_arrays.items()}, n, m)
                for i, (n, m) in enumerate(zip([3, 5, 2], masks))]
     declined = SiteUpdate("s3", {k: v.copy() for k, v in global_arrays.items()}, 0, np.ones(5, bool))
-    for weighting in ("examples", "equal"):
+    for weighting in ("examples", "equal", "classes"):
         want = aggregate(global_arrays, updates, groups, weighting=weighting)
         vectors, weights = [], []
         for u, declines in [(u, False) for u in updates] + [(declined, True)]:
             vectors.append(encode_update(global_arrays, u.arrays, u.annotated, groups))
-            weights.append(secure_weight(weighting, u.num_examples, declines))
+            weights.append(secure_weight(weighting, u.num_examples, declines, num_annotated=int(u.annotated.sum())))
         assert weights[-1] == 0 and (weighting == "equal") == (weights[:3] == [1, 1, 1])
+        assert (weighting == "classes") == (weights[:3] == [6, 10, 2])
         w = np.array(weights, float)
         mean = [sum(wi * v[j] for wi, v in zip(w, vectors)) / w.sum() for j in range(len(vectors[0]))]
         got, coverage = decode_mean(global_arrays, mean, groups)

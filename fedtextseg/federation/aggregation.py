@@ -4,7 +4,9 @@ What crosses the wire each round is the ``shared`` group plus the ``per_class`` 
 (see ``fedtextseg.params``). ``aggregate`` combines the sites' arrays:
 
 - shared arrays: a weighted mean over all sites (``weighting="examples"``: FedAvg by sample count;
-  ``"equal"``: every site counts once, as ConDistFL does), or a robust coordinate-wise rule (``"median"``,
+  ``"equal"``: every site counts once, as ConDistFL does; ``"classes"``: sample count times the number of classes
+  the site annotates, so a site labelling nine organs moves the shared encoder more than one labelling two), or a
+  robust coordinate-wise rule (``"median"``,
   ``"trimmed_mean"``; both unweighted, like Flower's FedMedian / FedTrimmedAvg).
 - per-class arrays: row by row along the declared class axis, a weighted mean over ONLY the sites that annotate
   that class; a row that no site annotates keeps the global value. A class labeled by one site of four is thus not
@@ -29,7 +31,7 @@ import numpy as np
 from fedtextseg.errors import FedTextSegError
 
 RULES = ("mean", "median", "trimmed_mean")
-WEIGHTINGS = ("examples", "equal")
+WEIGHTINGS = ("examples", "equal", "classes")
 
 
 @dataclass
@@ -234,6 +236,8 @@ def _weights(updates: Sequence[SiteUpdate], weighting: str) -> np.ndarray:
         return np.array([float(u.num_examples) for u in updates])
     if weighting == "equal":
         return np.ones(len(updates))
+    if weighting == "classes":
+        return np.array([float(u.num_examples) * float(u.annotated.sum()) for u in updates])
     raise FedTextSegError(f"unknown weighting '{weighting}'; choose one of {WEIGHTINGS}")
 
 

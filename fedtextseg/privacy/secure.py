@@ -44,11 +44,14 @@ def check_secure_config(cfg) -> None:
         raise ConfigError(f"unknown federation.weighting {cfg.federation.weighting!r}")
 
 
-def secure_weight(weighting: str, num_examples: int, declined: bool) -> int:
-    """The SecAgg+ weight a site sends: its example count (or 1 with ``weighting`` "equal"); 0 when it declines."""
+def secure_weight(weighting: str, num_examples: int, declined: bool, num_annotated: int = 1) -> int:
+    """The SecAgg+ weight a site sends, as ``aggregation.aggregate`` weights it in the clear: its example count, 1
+    with ``weighting`` "equal", examples x ``num_annotated`` classes with "classes"; 0 when it declines."""
     if declined or num_examples <= 0:
         return 0
-    return 1 if weighting == "equal" else int(num_examples)
+    if weighting == "equal":
+        return 1
+    return int(num_examples) * (int(num_annotated) if weighting == "classes" else 1)
 
 
 def encode_update(global_arrays: Mapping[str, np.ndarray], local_arrays: Mapping[str, np.ndarray],
