@@ -24,7 +24,7 @@ def no_training(monkeypatch):
 @pytest.mark.parametrize("override,message", [
     ("data.preprocess.patch_size=[20,20,20]", r"patch_size=\[20, 20, 20\].*multiple of its total stride.*use 16 or 24"),
     ("federation.robust=mediam", "federation.robust='mediam' is not a rule; use null, median or trimmed_mean"),
-    ("federation.weighting=votes", "federation.weighting='votes'; use examples or equal"),
+    ("federation.weighting=votes", "federation.weighting='votes'; use examples, equal, classes"),
     ("federation.min_sites=5", r"min_sites=5 but only 3 site\(s\) are configured.*min_sites<=3"),
     ("federation.min_sites=0", "federation.min_sites=0; use an integer >= 1"),
     ("federation.outlier_factor=0.5", "outlier_factor=0.5; use null"),
