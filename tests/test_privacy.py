@@ -567,6 +567,7 @@ def test_secure_aggregation_refuses_rules_that_need_individual_updates():
     with pytest.raises(ConfigError, match="robust"):
         check_secure_config(SimpleNamespace(federation=SimpleNamespace(robust="median", weighting="examples")))
     check_secure_config(SimpleNamespace(federation=SimpleNamespace(robust=None, weighting="equal")))
+    check_secure_config(SimpleNamespace(federation=SimpleNamespace(robust=None, weighting="classes")))
 
 
 def test_dp_round_after_an_evaluation_trains(tmp_path):

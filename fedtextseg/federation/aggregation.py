@@ -3,11 +3,11 @@
 What crosses the wire each round is the ``shared`` group plus the ``per_class`` group of a model's parameter groups
 (see ``fedtextseg.params``). ``aggregate`` combines the sites' arrays:
 
-- shared arrays: a weighted mean over all sites (``weighting="examples"``: FedAvg by sample count;
-  ``"equal"``: every site counts once, as ConDistFL does; ``"classes"``: sample count times the number of classes
-  the site annotates, so a site labelling nine organs moves the shared encoder more than one labelling two), or a
-  robust coordinate-wise rule (``"median"``,
-  ``"trimmed_mean"``; both unweighted, like Flower's FedMedian / FedTrimmedAvg).
+- shared arrays: a weighted mean over all sites (``site_weight``: ``weighting="examples"``: FedAvg by sample
+  count; ``"equal"``: every site counts once, as ConDistFL does; ``"classes"``: sample count times the number of
+  classes the site annotates, so a site labelling nine organs moves the shared encoder more than one labelling
+  two), or a robust coordinate-wise rule (``"median"``, ``"trimmed_mean"``; both unweighted, like Flower's
+  FedMedian / FedTrimmedAvg).
 - per-class arrays: row by row along the declared class axis, a weighted mean over ONLY the sites that annotate
   that class; a row that no site annotates keeps the global value. A class labeled by one site of four is thus not
   diluted four times.
@@ -231,14 +231,19 @@ def screen_outliers(global_arrays: Mapping[str, np.ndarray], updates: Sequence[S
     return kept, rejected
 
 
-def _weights(updates: Sequence[SiteUpdate], weighting: str) -> np.ndarray:
+def site_weight(weighting: str, num_examples: int, num_annotated: int) -> int:
+    """One site's weight in the shared mean (in the clear here, and as the weight a site sends under SecAgg+)."""
     if weighting == "examples":
-        return np.array([float(u.num_examples) for u in updates])
+        return int(num_examples)
     if weighting == "equal":
-        return np.ones(len(updates))
+        return 1
     if weighting == "classes":
-        return np.array([float(u.num_examples) * float(u.annotated.sum()) for u in updates])
+        return int(num_examples) * int(num_annotated)
     raise FedTextSegError(f"unknown weighting '{weighting}'; choose one of {WEIGHTINGS}")
+
+
+def _weights(updates: Sequence[SiteUpdate], weighting: str) -> np.ndarray:
+    return np.array([float(site_weight(weighting, u.num_examples, int(u.annotated.sum()))) for u in updates])
 
 
 def _reduce(stack: np.ndarray, w: np.ndarray, rule: str, beta: float) -> np.ndarray:

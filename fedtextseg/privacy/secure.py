@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fedtextseg.errors import ConfigError, FedTextSegError
+from fedtextseg.federation.aggregation import WEIGHTINGS, site_weight
 
 __all__ = ["encode_update", "decode_mean", "check_secure_config", "secure_weight"]
 
@@ -40,18 +41,16 @@ def check_secure_config(cfg) -> None:
     if robust:
         raise ConfigError(f"privacy.secure_aggregation=secaggplus gives the server only the sum of the updates; the "
                           f"robust rule federation.robust={robust} needs the individual updates. Use robust=null")
-    if cfg.federation.weighting not in ("examples", "equal"):
+    if cfg.federation.weighting not in WEIGHTINGS:
         raise ConfigError(f"unknown federation.weighting {cfg.federation.weighting!r}")
 
 
 def secure_weight(weighting: str, num_examples: int, declined: bool, num_annotated: int = 1) -> int:
-    """The SecAgg+ weight a site sends, as ``aggregation.aggregate`` weights it in the clear: its example count, 1
-    with ``weighting`` "equal", examples x ``num_annotated`` classes with "classes"; 0 when it declines."""
+    """The SecAgg+ weight a site sends: ``aggregation.site_weight``, as the clear mean weights it; 0 when it
+    declines."""
     if declined or num_examples <= 0:
         return 0
-    if weighting == "equal":
-        return 1
-    return int(num_examples) * (int(num_annotated) if weighting == "classes" else 1)
+    return site_weight(weighting, num_examples, num_annotated)
 
 
 def encode_update(global_arrays: Mapping[str, np.ndarray], local_arrays: Mapping[str, np.ndarray],
